@@ -1,0 +1,412 @@
+"""Run configuration: dataclasses per section, loaded from YAML, validated before anything runs.
+
+Model field names follow Hugging Face's ``DeepseekV3Config`` wherever one exists, so a
+DeepSeek-V3 ``config.json`` maps onto :class:`ModelConfig` field for field. Every field carries
+its documentation in ``metadata["help"]`` (printed by ``megads train --help-config``).
+
+Validation happens here, before any process group or tensor exists: an inconsistent value is
+one sentence that names the field and the rule, never a stack trace from deep inside a layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, mistyped or inconsistent; the message names the field."""
+
+
+def _f(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field with its documentation attached."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """The DeepSeek-V3 architecture (names as in Hugging Face's DeepseekV3Config) plus training-only knobs."""
+
+    vocab_size: int = _f(8192, "Vocabulary size (rows of the embedding and of the output head).")
+    hidden_size: int = _f(256, "Model width d.")
+    num_hidden_layers: int = _f(4, "Number of transformer blocks of the main model (MTP blocks not counted).")
+    first_k_dense_replace: int = _f(1, "The first k blocks use a dense SwiGLU FFN, the rest DeepSeekMoE.")
+    intermediate_size: int = _f(704, "Hidden width of the dense SwiGLU FFN of the first k blocks.")
+    num_attention_heads: int = _f(8, "Number of attention heads n_h.")
+    q_lora_rank: Optional[int] = _f(
+        None, "Rank of the low-rank query compression (q_a_proj -> norm -> q_b_proj); null: a plain q_proj.")
+    kv_lora_rank: int = _f(64, "Rank d_c of the compressed latent KV (the part of the KV cache shared by all heads).")
+    qk_nope_head_dim: int = _f(32, "Per-head query/key dimension without rotary embedding.")
+    qk_rope_head_dim: int = _f(16, "Per-head dimension of the decoupled rotary query and of the shared rotary key.")
+    v_head_dim: int = _f(32, "Per-head value dimension.")
+    n_routed_experts: int = _f(16, "Number of fine-grained routed experts per MoE layer.")
+    n_shared_experts: int = _f(1, "Number of shared experts (always active; fused into one SwiGLU of that many times the width).")
+    num_experts_per_tok: int = _f(4, "Routed experts selected per token (K_r).")
+    moe_intermediate_size: int = _f(128, "Hidden width of one routed (and of one shared) expert.")
+    n_group: int = _f(1, "Expert groups for group-limited routing (1: no group limit).")
+    topk_group: int = _f(1, "Groups a token may route to (M in the DeepSeek-V3 report).")
+    routed_scaling_factor: float = _f(1.0, "Scale applied to the routed experts' gating weights (2.5 in DeepSeek-V3).")
+    norm_topk_prob: bool = _f(True, "Normalise the selected experts' gating weights to sum to one.")
+    scoring_func: Literal["sigmoid", "softmax"] = _f(
+        "sigmoid", "Token-to-expert affinity: sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2).")
+    topk_method: Literal["noaux_tc", "greedy", "group_limited_greedy"] = _f(
+        "noaux_tc",
+        "Expert selection: noaux_tc (DeepSeek-V3: biased scores, group score = sum of its top-2), "
+        "greedy (plain top-k) or group_limited_greedy (DeepSeek-V2: group score = its max).")
+    hidden_act: Literal["silu"] = _f("silu", "FFN activation (SwiGLU uses SiLU).")
+    max_position_embeddings: int = _f(4096, "Longest sequence the positional encoding is meant for.")
+    rms_norm_eps: float = _f(1e-6, "Epsilon of every RMSNorm.")
+    rope_theta: float = _f(10000.0, "RoPE base.")
+    rope_scaling: Optional[dict] = _f(
+        None,
+        "YaRN settings or null. Keys: type ('yarn'), factor, original_max_position_embeddings, "
+        "beta_fast (32), beta_slow (1), mscale (1), mscale_all_dim (0).")
+    rope_interleave: bool = _f(
+        True, "Rotary dims are interleaved pairs (DeepSeek's weight layout) rather than two halves.")
+    num_nextn_predict_layers: int = _f(1, "Multi-token-prediction depth D (0 disables MTP).")
+    initializer_range: float = _f(0.006, "Std of the normal initialisation of weight matrices.")
+    tie_word_embeddings: bool = _f(False, "DeepSeek-V3 does not tie embedding and head; only false is supported.")
+    # Training-only values (absent from a Hugging Face config.json).
+    mtp_loss_weight: float = _f(0.3, "lambda: the MTP loss (averaged over depths) is multiplied by this.")
+    bias_update_speed: float = _f(
+        0.001, "gamma of auxiliary-loss-free balancing: per-step change of each expert's routing bias.")
+    aux_loss_alpha: float = _f(0.0001, "alpha of the sequence-wise balance loss (0 disables it).")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return max(0, self.num_hidden_layers - self.first_k_dense_replace)
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """Blocks with index >= first_k_dense_replace are MoE; MTP blocks continue the numbering."""
+        return layer_index >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+
+SCHEDULES = ("1f1b", "interleaved-1f1b", "zbh1", "dualpipe", "dualpipev")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over ranks. World size = TP x PP x DP; EP divides DP x TP."""
+
+    tensor_parallel: int = _f(1, "Tensor-parallel size (heads, FFN width and vocabulary split).")
+    pipeline_parallel: int = _f(1, "Pipeline-parallel size (layers split into stages).")
+    expert_parallel: int = _f(1, "Expert-parallel size (routed experts split across ranks).")
+    sequence_parallel: bool = _f(False, "Shard activations along the sequence outside TP regions.")
+    schedule: str = _f("1f1b", "Pipeline schedule: one of " + ", ".join(SCHEDULES) + ".")
+    virtual_stages: int = _f(1, "Model chunks per pipeline rank (interleaved schedules).")
+    micro_batches: Optional[int] = _f(
+        None, "Micro-batches per step; null: global_batch_size / (micro_batch_size x DP).")
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from and how it is tokenized."""
+
+    source: str = _f("stdlib", "'stdlib' (this Python's own standard-library sources) or a path to text files.")
+    tokenizer: Literal["bpe", "byte"] = _f("bpe", "Byte-level BPE trained on the corpus, or raw bytes.")
+    max_bytes: int = _f(4_000_000, "Use at most this many bytes of the source text.")
+    cache_dir: Optional[str] = _f(None, "Tokenized-data cache; null: ~/.cache/megads.")
+    valid_fraction: float = _f(0.01, "Fraction of token windows held out for validation.")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = _f(200, "Optimizer steps to run (a resumed run continues up to this step).")
+    global_batch_size: int = _f(8, "Sequences per optimizer step, over all data-parallel ranks.")
+    micro_batch_size: int = _f(8, "Sequences per forward/backward pass; gradients accumulate over micro-batches.")
+    seq_length: int = _f(256, "Tokens per training sequence.")
+    lr: float = _f(3e-3, "Peak learning rate.")
+    min_lr: float = _f(3e-4, "Learning rate at the end of cosine decay.")
+    warmup_steps: int = _f(20, "Linear warm-up steps.")
+    decay_steps: Optional[int] = _f(None, "Cosine decay ends at this step; null: max_steps.")
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (not applied to norms and biases).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.95, "AdamW beta2.")
+    adam_eps: float = _f(1e-8, "AdamW epsilon.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 disables clipping).")
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32", "Compute precision: fp32, or bf16 autocast (weights and optimizer stay FP32 masters).")
+    seed: int = _f(1234, "Seed for initialisation and data order.")
+    output_dir: str = _f("runs/tiny", "Where metrics.jsonl, TensorBoard events and checkpoints go.")
+    save_every: int = _f(100, "Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = _f(2, "Keep the newest N checkpoints (0: keep all).")
+    log_every: int = _f(10, "Print a progress line every N steps.")
+    eval_every: int = _f(0, "Evaluate the validation loss every N steps (0: never).")
+    eval_batches: int = _f(4, "Micro-batches per validation-loss evaluation.")
+    num_threads: Optional[int] = _f(None, "torch intra-op threads on CPU; null: torch's default.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
+        tp, str(tp))
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}.")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}.")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}.")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}.")
+        return dict(value)
+    raise TypeError(f"unsupported annotation {tp} for {where}")
+
+
+def _section_from_dict(cls, values: dict, section: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"Section '{section}' must be a mapping of keys to values, got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"Unknown key '{section}.{key}'; known keys of '{section}': {', '.join(sorted(known))}.")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build a Config from nested dicts (unknown sections and keys are errors), then validate it."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"A config file must be a mapping of sections, got {type(raw).__name__}.")
+    for section in raw:
+        if section not in _SECTION_CLASSES:
+            raise ConfigError(f"Unknown section '{section}'; sections are: {', '.join(_SECTION_CLASSES)}.")
+    cfg = Config(**{name: _section_from_dict(cls, raw.get(name) or {}, name) for name, cls in _SECTION_CLASSES.items()})
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `SECTION.KEY=VALUE` overrides (VALUE parsed as YAML) to the raw nested dict."""
+    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' must look like SECTION.KEY=VALUE.")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"Override key '{key}' must be SECTION.KEY, e.g. train.max_steps.")
+        section, name = parts
+        raw.setdefault(section, {})[name] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config (None: all defaults), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe_fields() -> str:
+    """Every field with its default and documentation (for `megads train --help-config`)."""
+    lines = []
+    for section, cls in _SECTION_CLASSES.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- validation
+
+_YARN_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+              "mscale", "mscale_all_dim", "attention_factor", "truncate"}
+
+
+def _model_rules(m: ModelConfig):
+    """Yield (ok, sentence) for each model rule."""
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                 "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+        yield getattr(m, name) >= 1, f"model.{name} must be at least 1, got {getattr(m, name)}."
+    for name in ("qk_nope_head_dim", "n_shared_experts", "num_nextn_predict_layers", "n_routed_experts"):
+        yield getattr(m, name) >= 0, f"model.{name} must not be negative, got {getattr(m, name)}."
+    yield m.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim must be even (rotary pairs), got {m.qk_rope_head_dim}."
+    yield m.q_lora_rank is None or m.q_lora_rank >= 1, f"model.q_lora_rank must be null or at least 1, got {m.q_lora_rank}."
+    yield 0 <= m.first_k_dense_replace <= m.num_hidden_layers, (
+        f"model.first_k_dense_replace must be between 0 and num_hidden_layers ({m.num_hidden_layers}), "
+        f"got {m.first_k_dense_replace}.")
+    if m.first_k_dense_replace > 0:
+        yield m.intermediate_size >= 1, f"model.intermediate_size must be at least 1 when there are dense layers, got {m.intermediate_size}."
+    has_moe = m.first_k_dense_replace < m.num_hidden_layers or m.num_nextn_predict_layers > 0
+    if has_moe:
+        yield m.n_routed_experts >= 1, "model.n_routed_experts must be at least 1 when there are MoE layers."
+        yield m.moe_intermediate_size >= 1, f"model.moe_intermediate_size must be at least 1, got {m.moe_intermediate_size}."
+        yield 1 <= m.num_experts_per_tok <= m.n_routed_experts, (
+            f"model.num_experts_per_tok ({m.num_experts_per_tok}) must be between 1 and "
+            f"n_routed_experts ({m.n_routed_experts}).")
+        yield m.n_group >= 1, f"model.n_group must be at least 1, got {m.n_group}."
+        if m.n_group >= 1:
+            yield m.n_routed_experts % m.n_group == 0, (
+                f"model.n_routed_experts ({m.n_routed_experts}) must be divisible by n_group ({m.n_group}).")
+            yield 1 <= m.topk_group <= m.n_group, (
+                f"model.topk_group ({m.topk_group}) must be between 1 and n_group ({m.n_group}).")
+            per_group = m.n_routed_experts // m.n_group if m.n_routed_experts % m.n_group == 0 else 0
+            if m.topk_method == "noaux_tc" and m.n_group > 1:
+                yield per_group >= 2, (
+                    f"model.n_group ({m.n_group}) leaves fewer than 2 experts per group; noaux_tc scores a "
+                    f"group by the sum of its top-2 experts.")
+            if m.topk_method != "greedy" and m.n_group >= 1 and per_group:
+                yield m.topk_group * per_group >= m.num_experts_per_tok, (
+                    f"model.num_experts_per_tok ({m.num_experts_per_tok}) exceeds the experts in topk_group "
+                    f"({m.topk_group}) groups of {per_group}.")
+        yield m.routed_scaling_factor > 0, f"model.routed_scaling_factor must be positive, got {m.routed_scaling_factor}."
+    yield m.rms_norm_eps > 0, f"model.rms_norm_eps must be positive, got {m.rms_norm_eps}."
+    yield m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}."
+    yield m.initializer_range > 0, f"model.initializer_range must be positive, got {m.initializer_range}."
+    yield not m.tie_word_embeddings, "model.tie_word_embeddings must be false: DeepSeek-V3 keeps embedding and head separate."
+    yield m.mtp_loss_weight >= 0, f"model.mtp_loss_weight must not be negative, got {m.mtp_loss_weight}."
+    yield m.bias_update_speed >= 0, f"model.bias_update_speed must not be negative, got {m.bias_update_speed}."
+    yield m.aux_loss_alpha >= 0, f"model.aux_loss_alpha must not be negative, got {m.aux_loss_alpha}."
+    if m.rope_scaling is not None:
+        rs = m.rope_scaling
+        unknown = set(rs) - _YARN_KEYS
+        yield not unknown, f"model.rope_scaling has unknown keys {sorted(unknown)}; known: {sorted(_YARN_KEYS)}."
+        kind = rs.get("type", rs.get("rope_type"))
+        yield kind == "yarn", f"model.rope_scaling.type must be 'yarn' (the only scaling DeepSeek-V3 uses), got {kind!r}."
+        factor = rs.get("factor")
+        yield isinstance(factor, (int, float)) and factor >= 1, f"model.rope_scaling.factor must be a number >= 1, got {factor!r}."
+        ompe = rs.get("original_max_position_embeddings")
+        yield isinstance(ompe, int) and ompe >= 1, (
+            f"model.rope_scaling.original_max_position_embeddings must be a positive integer, got {ompe!r}.")
+
+
+def _train_rules(t: TrainConfig):
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_length", "log_every", "eval_batches"):
+        yield getattr(t, name) >= 1, f"train.{name} must be at least 1, got {getattr(t, name)}."
+    for name in ("save_every", "keep_checkpoints", "eval_every", "warmup_steps", "weight_decay", "grad_clip"):
+        yield getattr(t, name) >= 0, f"train.{name} must not be negative, got {getattr(t, name)}."
+    yield t.global_batch_size % max(t.micro_batch_size, 1) == 0, (
+        f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.micro_batch_size "
+        f"({t.micro_batch_size}).")
+    yield t.lr > 0, f"train.lr must be positive, got {t.lr}."
+    yield 0 <= t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be between 0 and train.lr ({t.lr})."
+    yield 0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "train.adam_beta1 and train.adam_beta2 must be in [0, 1)."
+    yield t.adam_eps > 0, f"train.adam_eps must be positive, got {t.adam_eps}."
+    yield t.decay_steps is None or t.decay_steps >= 1, f"train.decay_steps must be null or at least 1, got {t.decay_steps}."
+    yield t.num_threads is None or t.num_threads >= 1, f"train.num_threads must be null or at least 1, got {t.num_threads}."
+
+
+def _parallel_rules(p: ParallelConfig, m: ModelConfig, t: TrainConfig):
+    for name in ("tensor_parallel", "pipeline_parallel", "expert_parallel", "virtual_stages"):
+        yield getattr(p, name) >= 1, f"parallel.{name} must be at least 1, got {getattr(p, name)}."
+    yield p.schedule in SCHEDULES, f"parallel.schedule must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}."
+    yield p.micro_batches is None or p.micro_batches >= 1, f"parallel.micro_batches must be null or at least 1."
+    tp = max(p.tensor_parallel, 1)
+    yield m.num_attention_heads % tp == 0, (
+        f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by parallel.tensor_parallel ({tp}).")
+    yield m.vocab_size % tp == 0, f"model.vocab_size ({m.vocab_size}) must be divisible by parallel.tensor_parallel ({tp})."
+    if m.first_k_dense_replace > 0:
+        yield m.intermediate_size % tp == 0, (
+            f"model.intermediate_size ({m.intermediate_size}) must be divisible by parallel.tensor_parallel ({tp}).")
+    ep = max(p.expert_parallel, 1)
+    yield m.n_routed_experts % ep == 0 or m.n_routed_experts == 0, (
+        f"model.n_routed_experts ({m.n_routed_experts}) must be divisible by parallel.expert_parallel ({ep}).")
+    yield m.num_hidden_layers >= p.pipeline_parallel * p.virtual_stages, (
+        f"model.num_hidden_layers ({m.num_hidden_layers}) must be at least parallel.pipeline_parallel x "
+        f"virtual_stages ({p.pipeline_parallel * p.virtual_stages}).")
+    if p.schedule == "dualpipe":
+        yield p.pipeline_parallel % 2 == 0, (
+            f"parallel.schedule dualpipe needs an even parallel.pipeline_parallel, got {p.pipeline_parallel}.")
+    if p.sequence_parallel:
+        yield t.seq_length % tp == 0, (
+            f"train.seq_length ({t.seq_length}) must be divisible by parallel.tensor_parallel ({tp}) "
+            f"with sequence_parallel.")
+
+
+def _data_rules(d: DataConfig):
+    yield d.max_bytes >= 1000, f"data.max_bytes must be at least 1000, got {d.max_bytes}."
+    yield 0 <= d.valid_fraction < 0.5, f"data.valid_fraction must be in [0, 0.5), got {d.valid_fraction}."
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError listing every violated rule (one sentence each)."""
+    problems = [msg for ok, msg in (*_model_rules(cfg.model), *_train_rules(cfg.train),
+                                    *_parallel_rules(cfg.parallel, cfg.model, cfg.train), *_data_rules(cfg.data))
+                if not ok and msg]
+    if cfg.data.tokenizer == "byte" and cfg.model.vocab_size < 260:
+        problems.append(f"model.vocab_size ({cfg.model.vocab_size}) must be at least 260 for data.tokenizer byte.")
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else
+                          "Invalid configuration:\n  " + "\n  ".join(problems))

@@ -1,0 +1,34 @@
+"""Pre-training data pipeline: corpus, tokenizer, indexed dataset, packing, sampling."""
+
+from .corpus import iter_documents, stdlib_source_files, take_until_bytes, text_files_in
+from .dataset import GlobalBatchSampler, PackedWindows, build_or_load_corpus, micro_batches
+from .indexed import CorruptDatasetError, IndexedDataset, IndexedDatasetWriter, dtype_for_vocab
+from .tokenizer import (
+    EOS_TOKEN,
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_bpe_tokenizer,
+)
+
+__all__ = [
+    "EOS_TOKEN",
+    "BPETokenizer",
+    "ByteTokenizer",
+    "CorruptDatasetError",
+    "GlobalBatchSampler",
+    "IndexedDataset",
+    "IndexedDatasetWriter",
+    "PackedWindows",
+    "Tokenizer",
+    "build_or_load_corpus",
+    "dtype_for_vocab",
+    "iter_documents",
+    "load_tokenizer",
+    "micro_batches",
+    "stdlib_source_files",
+    "take_until_bytes",
+    "text_files_in",
+    "train_bpe_tokenizer",
+]

@@ -1,0 +1,24 @@
+"""One pre-norm transformer block: MLA attention, then a dense SwiGLU FFN or DeepSeekMoE."""
+
+import torch
+from torch import nn
+
+from megads.config import ModelConfig
+from megads.model.mla import MultiHeadLatentAttention
+from megads.model.mlp import SwiGLU
+from megads.model.moe import MoE
+from megads.model.norm import RMSNorm
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_index) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))

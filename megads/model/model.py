@@ -1,0 +1,184 @@
+"""The DeepSeek-V3 model: embedding, transformer blocks, final norm, output head and MTP modules.
+
+Parameter names equal DeepSeek-V3's Hugging Face names with the `model.` prefix dropped
+(`embed_tokens`, `layers.{i}.self_attn.kv_b_proj`, `norm`, `lm_head`), except that routed experts
+are stacked (`layers.{i}.mlp.experts.gate_up_proj` [E, 2I, H], `...down_proj` [E, H, I]) for grouped
+GEMMs and MTP modules live under `mtp.{k}` (`megads.hf` maps both to and from the on-disk layout).
+
+Layers are kept in a ModuleDict keyed by their global index so that a pipeline stage holding
+layers 7..13 names them exactly as the full model does.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from megads.config import ModelConfig
+from megads.model.block import TransformerBlock
+from megads.model.moe import MoE
+from megads.model.mtp import MTPModule
+from megads.model.norm import RMSNorm
+from megads.model.rope import RotaryEmbedding
+from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    """Losses of one forward pass. `loss` is what backward runs on; the rest are for reporting."""
+
+    loss: torch.Tensor  # lm_loss + mtp_loss_weight * mean(mtp_losses) + balance_loss
+    lm_loss: torch.Tensor
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)  # one per depth
+    balance_loss: torch.Tensor | None = None
+
+    @property
+    def mtp_loss(self) -> torch.Tensor | None:
+        return torch.stack(self.mtp_losses).mean() if self.mtp_losses else None
+
+
+def masked_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions whose label is not IGNORE_INDEX; 0 (not NaN) if there are none."""
+    per_token = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), IGNORE_INDEX)
+    count = (labels != IGNORE_INDEX).sum()
+    return per_token.sum() / count.clamp(min=1)
+
+
+def mtp_inputs_and_targets(labels: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids t_{i+depth} fed to MTP depth `depth` at position i, and its targets t_{i+depth+1}.
+
+    With labels[i] = t_{i+1}: input[i] = labels[i + depth - 1], target[i] = labels[i + depth];
+    positions past the end get input 0 and an ignored target.
+    """
+    seq = labels.shape[1]
+    inputs = torch.zeros_like(labels)
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    inputs[:, : seq - depth + 1] = labels[:, depth - 1:].clamp(min=0)
+    targets[:, : seq - depth] = labels[:, depth:]
+    return inputs, targets
+
+
+class DeepSeekV3(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.num_hidden_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size)
+        self.mtp = nn.ModuleList(
+            [MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers)])
+        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
+
+    # ------------------------------------------------------------------ forward
+
+    def _positions(self, input_ids: torch.Tensor):
+        return self.rotary(torch.arange(input_ids.shape[1], device=input_ids.device))
+
+    def hidden_states(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Output of the last transformer block (before the final norm), [B, S, hidden]."""
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return h
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, S, vocab] for input_ids [B, S] (the main model; MTP is training-only)."""
+        cos, sin = self._positions(input_ids)
+        return self.lm_head(self.norm(self.hidden_states(input_ids, cos, sin)))
+
+    def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        """Language-model loss, MTP losses per depth and the sequence-wise balance loss.
+
+        labels[b, i] is the token after input_ids[b, i] (IGNORE_INDEX where there is none).
+        """
+        cos, sin = self._positions(input_ids)
+        h = self.hidden_states(input_ids, cos, sin)
+        lm_loss = masked_mean_cross_entropy(self.lm_head(self.norm(h)), labels)
+
+        mtp_losses = []
+        for depth, module in enumerate(self.mtp, start=1):
+            mtp_ids, mtp_targets = mtp_inputs_and_targets(labels, depth)
+            h = module(h, self.embed_tokens(mtp_ids), cos, sin)
+            mtp_losses.append(masked_mean_cross_entropy(self.lm_head(module.shared_head.norm(h)), mtp_targets))
+
+        balance = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
+        balance_loss = torch.stack(balance).sum() if balance else None
+
+        loss = lm_loss
+        if mtp_losses and self.cfg.mtp_loss_weight > 0:
+            loss = loss + self.cfg.mtp_loss_weight * torch.stack(mtp_losses).mean()
+        if balance_loss is not None:
+            loss = loss + balance_loss
+        return LossOutput(loss, lm_loss, mtp_losses, balance_loss)
+
+    # ------------------------------------------------------------------ MoE bookkeeping
+
+    def moe_layers(self) -> Iterator[MoE]:
+        for module in self.modules():
+            if isinstance(module, MoE):
+                yield module
+
+    def named_moe_layers(self) -> Iterator[tuple[str, MoE]]:
+        for name, module in self.named_modules():
+            if isinstance(module, MoE):
+                yield name, module
+
+    @torch.no_grad()
+    def update_router_biases(self, speed: float, reduce_loads=None) -> dict[str, float]:
+        """Apply the aux-loss-free bias update to every MoE layer; returns max/mean load per layer.
+
+        `reduce_loads(tensor) -> tensor` sums loads over ranks when the step's tokens were split.
+        """
+        imbalance = {}
+        for name, moe in self.named_moe_layers():
+            loads = moe.tokens_per_expert.clone()
+            if reduce_loads is not None:
+                loads = reduce_loads(loads)
+            moe.update_bias(speed, loads)
+            if loads.sum() > 0:
+                imbalance[name] = (loads.max() / loads.mean()).item()
+        return imbalance
+
+    # ------------------------------------------------------------------ initialisation
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Normal(0, initializer_range) matrices, unit norms, zero biases.
+
+        Each parameter draws from its own generator seeded by (seed, its name), so the same seed
+        gives the same full weights whatever the parallel layout or the order modules are built in.
+        """
+        std = self.cfg.initializer_range
+        for name, param in self.named_parameters():
+            if param.dim() == 1:  # RMSNorm weights
+                param.fill_(1.0)
+                continue
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
+        for moe in self.moe_layers():
+            moe.gate.e_score_correction_bias.zero_()
+            moe.tokens_per_expert.zero_()
+
+    def num_parameters(self, active_only: bool = False) -> int:
+        """All parameters, or those a single token uses (K_r of the N_r routed experts per MoE layer)."""
+        total = 0
+        for name, p in self.named_parameters():
+            n = p.numel()
+            if active_only and ".experts." in name:
+                n = n * self.cfg.num_experts_per_tok // self.cfg.n_routed_experts
+            total += n
+        return total
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, device: Optional[torch.device] = None) -> DeepSeekV3:
+    """A full model with initialised weights (seeded)."""
+    model = DeepSeekV3(cfg)
+    model.init_weights(seed)
+    return model.to(device) if device is not None else model

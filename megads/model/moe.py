@@ -1,0 +1,159 @@
+"""DeepSeekMoE (DeepSeek-V3 report section 2.1.2): fine-grained routed experts plus shared experts.
+
+    h' = h + sum_i FFN_shared_i(h) + sum_{i in TopK} g_i FFN_routed_i(h)
+
+Routing (DeepSeek-V3, `topk_method: noaux_tc`):
+    s_i = sigmoid(u . e_i)                         affinity (DeepSeek-V2: softmax over experts)
+    selection: top-K_r of s_i + b_i, restricted to the best `topk_group` of `n_group` groups,
+               a group scored by the sum of its two best biased affinities
+    g_i = s_i / sum_{selected} s_j  (when norm_topk_prob)  x routed_scaling_factor
+
+The per-expert bias b (`e_score_correction_bias`) steers selection only; the gates come from the
+raw affinities. It is not trained by gradients: after each optimizer step it moves by +-gamma
+toward balance (auxiliary-loss-free load balancing), from the loads this module counted.
+
+The sequence-wise balance loss  L = alpha sum_i f_i P_i  (f_i: fraction of the sequence's tokens
+routed to expert i, times N_r/K_r; P_i: mean normalised affinity) keeps single sequences from
+collapsing onto few experts; alpha is small (1e-4 in DeepSeek-V3).
+
+No token is dropped: every token reaches all of its K_r experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megads.config import ModelConfig
+from megads.model.mlp import SwiGLU
+from parallel.expert import LocalTokenDispatcher
+
+
+class Router(nn.Module):
+    """Token-to-expert affinities and top-k selection. Always computed in FP32."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.scoring_func = cfg.scoring_func
+        self.topk_method = cfg.topk_method
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (selected expert ids [T, K], gates [T, K], affinities [T, E]), FP32."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+        with torch.no_grad():
+            choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
+            if self.n_group > 1 and self.topk_method != "greedy":
+                grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+                if self.topk_method == "noaux_tc":
+                    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                else:
+                    group_scores = grouped.amax(dim=-1)
+                top_groups = group_scores.topk(self.topk_group, dim=-1).indices
+                group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+                choice = choice.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+            topk_idx = choice.topk(self.top_k, dim=-1).indices
+
+        gates = scores.gather(1, topk_idx)
+        if self.norm_topk_prob:
+            gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_idx, gates * self.routed_scaling_factor, scores
+
+
+def grouped_swiglu(tokens: torch.Tensor, tokens_per_expert: list[int], gate_up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor:
+    """Expert-wise SwiGLU over tokens sorted by expert: one GEMM pair per expert that has tokens.
+
+    tokens [N, H] (expert-contiguous), gate_up [E, 2I, H], down [E, H, I]. The loop is over
+    experts, never over tokens.
+    """
+    outputs = []
+    for expert, chunk in enumerate(tokens.split(tokens_per_expert)):
+        if chunk.shape[0] == 0:
+            continue
+        gate, up = F.linear(chunk, gate_up[expert]).chunk(2, dim=-1)
+        outputs.append(F.linear(F.silu(gate) * up, down[expert]))
+    if not outputs:
+        return tokens.new_zeros(tokens.shape[0], down.shape[1])
+    return torch.cat(outputs)
+
+
+class RoutedExperts(nn.Module):
+    """N_r fine-grained SwiGLU experts stored as stacked weights for grouped GEMMs."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, sorted_tokens: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return grouped_swiglu(sorted_tokens, tokens_per_expert.tolist(), self.gate_up_proj, self.down_proj)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts > 0 else None)
+        self.dispatcher = LocalTokenDispatcher(cfg.n_routed_experts)
+        # Tokens routed to each expert since the last router-bias update (summed over micro-batches).
+        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts), persistent=False)
+        self.balance_loss: torch.Tensor | None = None  # this forward's sequence-wise balance loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        flat = x.reshape(-1, hidden)
+        topk_idx, gates, scores = self.gate(flat)
+
+        sorted_tokens, tokens_per_expert, state = self.dispatcher.dispatch(flat, topk_idx)
+        expert_out = self.experts(sorted_tokens, tokens_per_expert)
+        out = self.dispatcher.combine(expert_out, gates, state).to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+
+        self.balance_loss = None
+        if self.training:
+            self.tokens_per_expert += tokens_per_expert.to(self.tokens_per_expert.dtype)
+            if self.aux_loss_alpha > 0:
+                self.balance_loss = self.sequence_balance_loss(scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1))
+        return out.view(batch, seq, hidden)
+
+    def sequence_balance_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """alpha * sum_i f_i P_i per sequence, averaged over the batch's sequences (report eq. 17-20)."""
+        batch, seq, num_experts = scores.shape
+        counts = torch.zeros(batch, num_experts, device=scores.device)
+        counts.scatter_add_(1, topk_idx.reshape(batch, -1), torch.ones(batch, seq * self.top_k, device=scores.device))
+        f = counts * num_experts / (self.top_k * seq)
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, speed: float, loads: torch.Tensor | None = None) -> torch.Tensor:
+        """b_i += speed * sign(mean load - load_i); returns the loads used and resets the counters.
+
+        This is the DeepSeek-V3 report's rule as written (no re-centring of b, unlike TorchTitan).
+        `loads` lets the caller pass counts already summed over data/expert-parallel ranks.
+        """
+        loads = self.tokens_per_expert.clone() if loads is None else loads
+        if speed > 0 and loads.sum() > 0:
+            self.gate.e_score_correction_bias += speed * torch.sign(loads.mean() - loads)
+        self.tokens_per_expert.zero_()
+        return loads
