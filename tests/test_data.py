@@ -25,6 +25,7 @@ SMALL_CORPUS_BYTES = 200_000
 SAMPLES = [
     "def f(x):\n    return x + 1  # plain ASCII\n",
     "héllo wörld, 日本語, emoji 🙂, tabs\tand  double  spaces\r\n",
+    "a file that mentions <|endoftext|> literally",
     "",
 ]
 
@@ -76,8 +77,10 @@ def test_tokenizer_round_trip(tokenizer, text):
 def test_tokenizer_vocab_and_eos(tokenizer):
     assert tokenizer.eos_id == 0
     assert tokenizer.vocab_size <= 1000
-    ids = tokenizer.encode(SAMPLES[1])
-    assert 0 < min(ids) and max(ids) < tokenizer.vocab_size
+    for text in SAMPLES[:3]:
+        ids = tokenizer.encode(text)
+        # eos never comes from text, even text that spells it out.
+        assert 0 < min(ids) and max(ids) < tokenizer.vocab_size
     assert tokenizer.decode([tokenizer.eos_id]) == "<|endoftext|>"
 
 
@@ -98,7 +101,8 @@ def test_tokenizer_save_load(tokenizer, tmp_path):
     loaded = load_tokenizer(tmp_path / "tok.json")
     assert type(loaded) is type(tokenizer)
     assert loaded.vocab_size == tokenizer.vocab_size
-    assert loaded.encode(SAMPLES[1]) == tokenizer.encode(SAMPLES[1])
+    for text in SAMPLES:
+        assert loaded.encode(text) == tokenizer.encode(text)
 
 
 # --- indexed dataset ----------------------------------------------------------

@@ -70,6 +70,10 @@ class BPETokenizer:
 
     def __init__(self, tokenizer: tokenizers.Tokenizer):
         self.tokenizer = tokenizer
+        # Text that happens to contain "<|endoftext|>" is encoded as ordinary
+        # text, as ByteTokenizer does: only the pipeline may insert eos, or a
+        # corpus could forge document boundaries.  (Not saved in tokenizer.json.)
+        tokenizer.encode_special_tokens = True
         self.vocab_size = tokenizer.get_vocab_size()
         self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
 
@@ -134,6 +138,8 @@ def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
         # The specials fix the id layout; a file from a different layout would
         # silently shift every id.
         if tuple(saved["specials"]) != ByteTokenizer.SPECIALS:
-            raise ValueError(f"{path}: byte tokenizer specials {saved['specials']} do not match {ByteTokenizer.SPECIALS}")
+            raise ValueError(
+                f"{path}: byte tokenizer specials {saved['specials']} do not match {ByteTokenizer.SPECIALS}"
+            )
         return ByteTokenizer()
     return BPETokenizer(tokenizers.Tokenizer.from_str(text))

@@ -1,0 +1,85 @@
+"""The `megads` command.
+
+    megads train CONFIG [--set SECTION.KEY=VALUE ...]   train (resumes from OUTPUT_DIR/checkpoints)
+    megads import-hf HF_DIR CKPT_DIR                     Hugging Face DeepSeek-V3 dir -> megads checkpoint
+    megads export-hf CKPT_DIR HF_DIR                     megads checkpoint (or run dir) -> Hugging Face dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megads.config import ConfigError, describe_fields, load_config
+from megads.shards import CheckpointFormatError
+
+
+def _train(args) -> int:
+    if args.help_config:
+        print(describe_fields())
+        return 0
+    if args.config is None:
+        print("megads train: a CONFIG file is required (e.g. examples/configs/tiny.yaml)", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config, args.set)
+    from megads.train.trainer import train  # imported late: `--help` should not pay for torch
+
+    try:
+        train(cfg)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _import_hf(args) -> int:
+    from megads.hf import import_hf
+
+    import_hf(args.hf_dir, args.ckpt_dir)
+    return 0
+
+
+def _export_hf(args) -> int:
+    from megads.hf import export_hf
+
+    export_hf(args.ckpt_dir, args.hf_dir, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megads", description="Train DeepSeek-V3-style models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", nargs="?", help="YAML config, e.g. examples/configs/tiny.yaml")
+    train.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override config values, e.g. --set train.max_steps=20 model.hidden_size=128")
+    train.add_argument("--help-config", action="store_true", help="list every config field with its meaning")
+    train.set_defaults(func=_train)
+
+    imp = sub.add_parser("import-hf", help="convert a Hugging Face DeepSeek-V3 directory to a megads checkpoint")
+    imp.add_argument("hf_dir")
+    imp.add_argument("ckpt_dir")
+    imp.set_defaults(func=_import_hf)
+
+    exp = sub.add_parser("export-hf", help="convert a megads checkpoint (or run directory) to Hugging Face format")
+    exp.add_argument("ckpt_dir")
+    exp.add_argument("hf_dir")
+    exp.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GiB)")
+    exp.set_defaults(func=_export_hf)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"megads {args.command}: configuration error: {err}", file=sys.stderr)
+        return 2
+    except CheckpointFormatError as err:
+        print(f"megads {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

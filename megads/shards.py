@@ -1,0 +1,146 @@
+"""Sharded safetensors directories: a streaming writer and a lazy reader.
+
+Both checkpoints and Hugging Face exports store weights this way:
+`{prefix}-00001-of-00003.safetensors`, ... plus `{prefix}.safetensors.index.json` mapping each
+tensor name to its shard (the layout `transformers` reads). The writer holds at most one shard in
+memory and the reader loads one tensor at a time, so converting a 671B-parameter model never holds
+two copies of it (nor even one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+class CheckpointFormatError(RuntimeError):
+    """A weights directory is missing, partial or corrupt; the message names the file."""
+
+
+class ShardedWriter:
+    """Add tensors one by one; a shard is written whenever it reaches `max_shard_bytes`.
+
+    Shards are first written under temporary names and renamed to `-0000i-of-0000n` on close(),
+    when n is known; the index is written last, so a directory without an index is incomplete.
+    """
+
+    def __init__(self, directory: str | Path, prefix: str = "model", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 metadata: Optional[dict[str, str]] = None):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self._total_bytes = 0
+        self._names: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} was added twice")
+        self._names.add(name)
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        # safetensors needs contiguous, non-shared storage; clone only when necessary.
+        tensor = tensor.detach().to("cpu")
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += nbytes
+        self._total_bytes += nbytes
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        path = self.directory / f".{self.prefix}-part{len(self._written):05d}.safetensors.tmp"
+        tensors = {k: (v.clone() if _shares_storage(v) else v) for k, v in self._pending.items()}
+        save_file(tensors, str(path), metadata=self.metadata)
+        self._written.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        count = len(self._written)
+        weight_map = {}
+        for i, (tmp, names) in enumerate(self._written, start=1):
+            final = self.directory / f"{self.prefix}-{i:05d}-of-{count:05d}.safetensors"
+            os.replace(tmp, final)
+            weight_map.update({name: final.name for name in names})
+        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        index_path = self.directory / f"{self.prefix}.safetensors.index.json"
+        tmp_index = index_path.with_suffix(".json.tmp")
+        tmp_index.write_text(json.dumps(index, indent=2))
+        os.replace(tmp_index, index_path)
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def _shares_storage(t: torch.Tensor) -> bool:
+    """True if t is a view into a larger storage (safetensors refuses to save those)."""
+    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+
+
+class ShardedReader:
+    """Lazy access to the tensors of a sharded (or single-file) safetensors directory."""
+
+    def __init__(self, directory: str | Path, prefix: str = "model"):
+        self.directory = Path(directory)
+        index_path = self.directory / f"{prefix}.safetensors.index.json"
+        single = self.directory / f"{prefix}.safetensors"
+        if index_path.is_file():
+            try:
+                self._weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise CheckpointFormatError(f"{index_path} is not a valid safetensors index ({err}).") from None
+        elif single.is_file():
+            self._weight_map = {name: single.name for name in self._open(single.name).keys()}
+        else:
+            raise CheckpointFormatError(
+                f"No weights in {self.directory}: expected {index_path.name} or {single.name}.")
+        self._handles: dict[str, object] = {}
+        for shard in sorted(set(self._weight_map.values())):
+            if not (self.directory / shard).is_file():
+                raise CheckpointFormatError(f"Shard {self.directory / shard} named in the index is missing.")
+
+    def _open(self, shard: str):
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = safe_open(str(self.directory / shard), framework="pt")
+            except Exception as err:  # safetensors raises its own error types for truncated files
+                raise CheckpointFormatError(f"{self.directory / shard} is corrupt or truncated ({err}).") from None
+        return self._handles[shard]
+
+    def keys(self) -> list[str]:
+        return list(self._weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._weight_map:
+            raise KeyError(f"tensor {name!r} is not in {self.directory}")
+        try:
+            return self._open(self._weight_map[name]).get_tensor(name)
+        except CheckpointFormatError:
+            raise
+        except Exception as err:
+            raise CheckpointFormatError(
+                f"Reading {name!r} from {self.directory / self._weight_map[name]} failed ({err}).") from None
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._weight_map:
+            yield name, self.get(name)

@@ -1,0 +1,162 @@
+"""Checkpoints: `OUTPUT_DIR/checkpoints/step_N/`, written atomically, loaded safely.
+
+Layout of one checkpoint directory (also what `megads import-hf` produces, without the training
+state):
+
+    config.yaml          the full megads config of the run
+    model/               sharded safetensors of the model's state (megads parameter names)
+    optimizer.pt         optimizer state (torch.save; loaded with weights_only=True)
+    trainer_state.pt     step, RNG states, anything else the loop needs to resume bit for bit
+    COMPLETE             JSON manifest (step, every file with its size) written last
+
+Everything is written into a temporary sibling directory that is renamed into place only once
+complete, so a crash mid-save leaves the previous checkpoint as the latest one. Loading checks the
+manifest, and a missing or truncated file is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megads.config import Config, dump_config, load_config
+from megads.shards import CheckpointFormatError, ShardedReader, ShardedWriter
+
+MANIFEST = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_manifest(directory: Path, step: Optional[int]) -> None:
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def verify_manifest(directory: Path) -> dict:
+    """Raise CheckpointFormatError unless every file the manifest lists is present with its size."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointFormatError(f"{directory} is not a complete checkpoint (no {MANIFEST} manifest): "
+                                    f"the save that wrote it did not finish.")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointFormatError(f"{manifest_path} is corrupt (not JSON).") from None
+    for name, size in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointFormatError(f"Checkpoint file {path} is missing.")
+        if path.stat().st_size != size:
+            raise CheckpointFormatError(
+                f"Checkpoint file {path} has {path.stat().st_size} bytes, the manifest says {size}: it is truncated or corrupt.")
+    return manifest
+
+
+def write_model_weights(directory: Path, named_tensors, max_shard_bytes: Optional[int] = None) -> None:
+    kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+    with ShardedWriter(directory / "model", **kwargs) as writer:
+        for name, tensor in named_tensors:
+            writer.add(name, tensor)
+
+
+def model_state(model: torch.nn.Module):
+    """The tensors a checkpoint stores: parameters and persistent buffers (router biases)."""
+    return model.state_dict().items()
+
+
+def finalize_directory(tmp: Path, final: Path, step: Optional[int]) -> None:
+    """Write the manifest, flush to disk and move `tmp` to `final` (replacing an older one)."""
+    write_manifest(tmp, step)
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, trainer_state: dict, keep: int = 0) -> Path:
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"step_{step}"
+    tmp = checkpoints_dir / f".step_{step}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    (tmp / "config.yaml").write_text(dump_config(cfg))
+    write_model_weights(tmp, model_state(model))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"step": step, **trainer_state}, tmp / "trainer_state.pt")
+    finalize_directory(tmp, final, step)
+    if keep > 0:
+        for old in list_checkpoints(checkpoints_dir)[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoints (with a manifest), oldest first. Partial saves are skipped."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoints_dir.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and (path / MANIFEST).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the latest complete one under a run's output or checkpoints dir."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    for candidates in (path / "checkpoints", path):
+        found = list_checkpoints(candidates)
+        if found:
+            return found[-1]
+    raise CheckpointFormatError(f"No complete checkpoint at {path} (looked for {MANIFEST}, "
+                                f"{path / 'checkpoints'}/step_N and {path}/step_N).")
+
+
+def read_checkpoint_config(ckpt: Path) -> Config:
+    return load_config(ckpt / "config.yaml")
+
+
+def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    """Copy the checkpoint's tensors into `model` one at a time; names and shapes must match exactly."""
+    reader = ShardedReader(ckpt / "model")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(reader.keys()))
+    unexpected = sorted(set(reader.keys()) - set(expected))
+    if missing or unexpected:
+        raise CheckpointFormatError(
+            f"Checkpoint {ckpt} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}.")
+    with torch.no_grad():
+        for name, target in expected.items():
+            tensor = reader.get(name)
+            if tensor.shape != target.shape:
+                raise CheckpointFormatError(
+                    f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}.")
+            target.copy_(tensor)
+
+
+def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
+    """Restore model (and optimizer) state; returns the trainer state saved with it."""
+    verify_manifest(ckpt)
+    load_model_weights(ckpt, model)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    return torch.load(ckpt / "trainer_state.pt", weights_only=True)

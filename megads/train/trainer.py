@@ -1,0 +1,194 @@
+"""The training loop of `megads train`.
+
+One optimizer step: the global batch's micro-batches run forward and backward (gradients
+accumulate, each micro-batch's loss divided by their number), a non-finite loss or gradient skips
+the step (reported, never trained on), the global gradient norm is clipped, AdamW updates the FP32
+master weights, and each MoE layer's routing bias moves toward balance from the step's expert
+loads. Every step appends a record to metrics.jsonl; checkpoints are written every `save_every`
+steps, at the end, and when the run is interrupted (Ctrl-C / SIGTERM), and a new run in the same
+output directory resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megads.config import Config, ConfigError, dump_config
+from megads.data import GlobalBatchSampler, PackedWindows, build_or_load_corpus, micro_batches
+from megads.model.model import DeepSeekV3, build_model
+from megads.train.checkpoint import list_checkpoints, load_checkpoint, read_checkpoint_config, save_checkpoint
+from megads.train.metrics import MetricsLogger, ProgressPrinter
+from megads.train.optimizer import build_optimizer
+from megads.train.schedule import learning_rate
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    last_step: int
+    last_loss: Optional[float]
+
+
+def _autocast(cfg: Config):
+    if cfg.train.precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _check_single_process(cfg: Config) -> None:
+    p = cfg.parallel
+    if max(p.tensor_parallel, p.pipeline_parallel, p.expert_parallel) > 1:
+        raise ConfigError("parallel.tensor_parallel, pipeline_parallel and expert_parallel must be 1: "
+                          "this version of megads trains in a single process (multi-rank layouts come next).")
+
+
+def _check_resume_compatible(cfg: Config, ckpt: Path) -> None:
+    saved = read_checkpoint_config(ckpt)
+    if saved.model != cfg.model:
+        changed = [k for k in vars(cfg.model) if getattr(saved.model, k) != getattr(cfg.model, k)]
+        raise ConfigError(f"The checkpoint {ckpt} was trained with a different model (model.{', model.'.join(changed)} "
+                          f"differ); use a new train.output_dir or the same model settings.")
+
+
+def evaluate(model: DeepSeekV3, windows: PackedWindows, cfg: Config) -> float:
+    """Mean LM loss over the first `eval_batches` micro-batches of the held-out windows."""
+    model.eval()
+    losses = []
+    with torch.no_grad(), _autocast(cfg):
+        mbs = cfg.train.micro_batch_size
+        for start in range(0, min(len(windows), cfg.train.eval_batches * mbs), mbs):
+            batch = torch.stack([windows[i] for i in range(start, min(start + mbs, len(windows)))])
+            losses.append(model.compute_loss(batch[:, :-1], batch[:, 1:]).lm_loss.item())
+    model.train()
+    return sum(losses) / max(len(losses), 1)
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def train(cfg: Config, log=print) -> TrainResult:
+    _check_single_process(cfg)
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+
+    cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path.home() / ".cache" / "megads"
+    tokenizer, corpus = build_or_load_corpus(cfg.data.source, cfg.model.vocab_size, cfg.data.tokenizer,
+                                             cfg.data.max_bytes, cache_dir, log=log)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer.vocab_size}).")
+    train_windows, valid_windows = PackedWindows(corpus.tokens, t.seq_length).split(cfg.data.valid_fraction)
+    sampler = GlobalBatchSampler(len(train_windows), t.global_batch_size, t.seed)
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, seed=t.seed)
+    model.train()
+    optimizer = build_optimizer(model, t)
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({model.num_parameters(active_only=True) / 1e6:.2f}M "
+        f"active per token); data: {len(train_windows):,} training windows of {t.seq_length} tokens")
+
+    start_step = 0
+    checkpoints_dir = out / "checkpoints"
+    existing = list_checkpoints(checkpoints_dir)
+    if existing:
+        _check_resume_compatible(cfg, existing[-1])
+        state = load_checkpoint(existing[-1], model, optimizer)
+        start_step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        log(f"resumed from {existing[-1]} (step {start_step})")
+    if start_step >= t.max_steps:
+        log(f"nothing to do: the latest checkpoint is at step {start_step} >= train.max_steps ({t.max_steps})")
+        return TrainResult(out, start_step, None)
+
+    metrics = MetricsLogger(out, start_step, log=log)
+    progress = ProgressPrinter(t.max_steps, t.log_every, log=log)
+    step, last_loss = start_step, None
+
+    def on_signal(signum, frame):
+        raise _StopRequested()
+
+    previous_handler = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while step < t.max_steps:
+            record = train_step(model, optimizer, cfg, step,
+                                micro_batches(train_windows, sampler, step, 0, 1, t.micro_batch_size))
+            step += 1
+            if t.eval_every and step % t.eval_every == 0:
+                record["valid_loss"] = evaluate(model, valid_windows, cfg)
+            metrics.record(record)
+            progress(record)
+            last_loss = record["loss"]
+            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+                save_checkpoint(checkpoints_dir, step, cfg, model, optimizer,
+                                {"torch_rng": torch.get_rng_state()}, keep=t.keep_checkpoints)
+    except (KeyboardInterrupt, _StopRequested):
+        log(f"interrupted: saving a checkpoint at step {step} before exiting")
+        if step > start_step:
+            save_checkpoint(checkpoints_dir, step, cfg, model, optimizer,
+                            {"torch_rng": torch.get_rng_state()}, keep=t.keep_checkpoints)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        metrics.close()
+    log(f"done: {step} steps, final loss {last_loss:.4f}; checkpoints in {checkpoints_dir}")
+    return TrainResult(out, step, last_loss)
+
+
+def train_step(model: DeepSeekV3, optimizer: torch.optim.Optimizer, cfg: Config, step: int,
+               batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """One optimizer step over the given micro-batches; returns its metrics record."""
+    t = cfg.train
+    started = time.perf_counter()
+    lr = learning_rate(step, t)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+    n = len(batches)
+    sums: dict[str, float] = {}
+    tokens = 0
+    for input_ids, labels in batches:
+        with _autocast(cfg):
+            out = model.compute_loss(input_ids, labels)
+        (out.loss / n).backward()
+        tokens += input_ids.numel()
+        for key, value in [("loss", out.lm_loss), ("mtp_loss", out.mtp_loss), ("balance_loss", out.balance_loss),
+                           *[(f"mtp_loss_depth_{k}", v) for k, v in enumerate(out.mtp_losses, start=1)]]:
+            if value is not None:
+                sums[key] = sums.get(key, 0.0) + value.item() / n
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    # clip_grad_norm_ with max_norm=inf only measures the norm.
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf).item()
+    skipped = not (math.isfinite(grad_norm) and all(math.isfinite(v) for v in sums.values()))
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+        for moe in model.moe_layers():
+            moe.tokens_per_expert.zero_()
+        imbalance = {}
+    else:
+        optimizer.step()
+        imbalance = model.update_router_biases(cfg.model.bias_update_speed)
+    elapsed = time.perf_counter() - started
+
+    record = {"step": step + 1, "loss": sums.get("loss"), "mtp_loss": sums.get("mtp_loss"), "lr": lr,
+              "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "skipped": skipped}
+    for key in sorted(sums):
+        if key.startswith("mtp_loss_depth_") or key == "balance_loss":
+            record[key] = sums[key]
+    if imbalance:
+        record["expert_load_max_over_mean"] = {name.replace(".mlp", ""): v for name, v in imbalance.items()}
+    return record

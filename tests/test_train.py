@@ -1,0 +1,131 @@
+"""The training loop end to end on a tiny model: metrics, checkpoints, exact resume, the CLI."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from megads.cli import main as cli_main
+from megads.config import ConfigError, load_config
+from megads.shards import CheckpointFormatError, ShardedReader
+from megads.train.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
+from megads.train.schedule import learning_rate
+from megads.train.trainer import train
+
+TINY = [
+    "model.vocab_size=512", "model.hidden_size=32", "model.num_hidden_layers=2", "model.first_k_dense_replace=1",
+    "model.intermediate_size=64", "model.num_attention_heads=2", "model.q_lora_rank=16", "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.n_routed_experts=4",
+    "model.num_experts_per_tok=2", "model.moe_intermediate_size=16", "model.n_group=2", "model.topk_group=1",
+    "model.num_nextn_predict_layers=1",
+    "data.max_bytes=150000", "data.tokenizer=bpe",
+    "train.global_batch_size=4", "train.micro_batch_size=2", "train.seq_length=32", "train.warmup_steps=2",
+    "train.decay_steps=6", "train.lr=0.01", "train.min_lr=0.001", "train.log_every=1", "train.save_every=3",
+    "train.keep_checkpoints=0",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data-cache")
+
+
+def tiny_config(tmp_path, cache_dir, *extra):
+    return load_config(None, TINY + [f"data.cache_dir={cache_dir}", f"train.output_dir={tmp_path}", *extra])
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir):
+    return dict(ShardedReader(list_checkpoints(run_dir / "checkpoints")[-1] / "model").items())
+
+
+def test_metrics_record_every_step(tmp_path, cache_dir):
+    result = train(tiny_config(tmp_path, cache_dir, "train.max_steps=4"), log=lambda *_: None)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        for key in ("loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "mtp_loss_depth_1", "balance_loss"):
+            assert key in r and r[key] is not None, key
+        assert r["skipped"] is False
+        assert set(r["expert_load_max_over_mean"]) == {"layers.1", "mtp.0.block"}
+    assert records[0]["lr"] == pytest.approx(learning_rate(0, load_config(None, TINY).train))
+    assert result.last_step == 4
+    assert (tmp_path / "tensorboard").is_dir()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_3", "step_4"]
+
+
+def test_resume_is_bit_for_bit(tmp_path, cache_dir):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_config(straight, cache_dir, "train.max_steps=6"), log=lambda *_: None)
+    train(tiny_config(resumed, cache_dir, "train.max_steps=3"), log=lambda *_: None)
+    logs = []
+    train(tiny_config(resumed, cache_dir, "train.max_steps=6"), log=logs.append)
+    assert any("resumed from" in line for line in logs)
+
+    assert [r["loss"] for r in read_metrics(straight)] == [r["loss"] for r in read_metrics(resumed)]
+    a, b = final_weights(straight), final_weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # The router biases moved (aux-loss-free balancing ran) and were restored exactly.
+    assert a["layers.1.mlp.gate.e_score_correction_bias"].abs().sum() > 0
+
+
+def test_crash_after_checkpoint_redoes_later_steps(tmp_path, cache_dir):
+    """Steps logged after the last checkpoint are dropped from metrics.jsonl and recomputed on resume."""
+    train(tiny_config(tmp_path, cache_dir, "train.max_steps=5", "train.save_every=3"), log=lambda *_: None)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_5")  # as if the run died before its final save
+    train(tiny_config(tmp_path, cache_dir, "train.max_steps=5", "train.save_every=3"), log=lambda *_: None)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+def test_partial_and_corrupt_checkpoints(tmp_path, cache_dir):
+    train(tiny_config(tmp_path, cache_dir, "train.max_steps=3"), log=lambda *_: None)
+    ckpt = resolve_checkpoint(tmp_path)
+    assert ckpt.name == "step_3"
+    # A save that never finished (no manifest) is not picked up.
+    partial = tmp_path / "checkpoints" / "step_9"
+    shutil.copytree(ckpt, partial)
+    (partial / "COMPLETE").unlink()
+    assert resolve_checkpoint(tmp_path).name == "step_3"
+    # A truncated shard is reported with its file name.
+    shard = next((ckpt / "model").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    from megads.model.model import build_model
+    model = build_model(load_config(None, TINY).model)
+    with pytest.raises(CheckpointFormatError, match=shard.name):
+        load_checkpoint(ckpt, model, None)
+
+
+def test_loss_falls(tmp_path, cache_dir):
+    train(tiny_config(tmp_path, cache_dir, "train.max_steps=12", "train.decay_steps=12", "train.save_every=0"),
+          log=lambda *_: None)
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5
+
+
+def test_resume_with_different_model_is_refused(tmp_path, cache_dir):
+    train(tiny_config(tmp_path, cache_dir, "train.max_steps=1"), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        train(tiny_config(tmp_path, cache_dir, "train.max_steps=2", "model.hidden_size=48"), log=lambda *_: None)
+
+
+def test_multi_rank_layout_is_refused_clearly(tmp_path, cache_dir):
+    with pytest.raises(ConfigError, match="parallel.tensor_parallel"):
+        train(tiny_config(tmp_path, cache_dir, "parallel.tensor_parallel=2"), log=lambda *_: None)
+
+
+def test_cli_train_and_errors(tmp_path, cache_dir, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("train:\n  max_steps: 2\n")
+    args = ["train", str(config), "--set", *TINY, f"data.cache_dir={cache_dir}", f"train.output_dir={tmp_path / 'run'}"]
+    assert cli_main(args) == 0
+    assert len(read_metrics(tmp_path / "run")) == 2
+    assert cli_main(["train", str(config), "--set", "model.topk_group=9"]) == 2
+    assert "model.topk_group" in capsys.readouterr().err
+    assert cli_main(["train", "--help-config"]) == 0
+    assert "kv_lora_rank" in capsys.readouterr().out
