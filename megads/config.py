@@ -240,14 +240,20 @@ def config_from_dict(raw: dict) -> Config:
     for section in raw:
         if section not in _SECTION_CLASSES:
             raise ConfigError(f"Unknown section '{section}'; sections are: {', '.join(_SECTION_CLASSES)}.")
-    cfg = Config(**{name: _section_from_dict(cls, raw.get(name) or {}, name) for name, cls in _SECTION_CLASSES.items()})
+    sections = {name: {} if raw.get(name) is None else raw[name] for name in _SECTION_CLASSES}
+    cfg = Config(**{name: _section_from_dict(cls, sections[name], name) for name, cls in _SECTION_CLASSES.items()})
     validate(cfg)
     return cfg
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `SECTION.KEY=VALUE` overrides (VALUE parsed as YAML) to the raw nested dict."""
-    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"A config file must be a mapping of sections, got {type(raw).__name__}.")
+    # Copy mapping sections; leave anything else for config_from_dict to reject with its message.
+    raw = {k: ({} if v is None else dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"Override '{item}' must look like SECTION.KEY=VALUE.")
@@ -256,7 +262,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"Override key '{key}' must be SECTION.KEY, e.g. train.max_steps.")
         section, name = parts
-        raw.setdefault(section, {})[name] = yaml.safe_load(text) if text.strip() else None
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"Section '{section}' must be a mapping of keys to values, got {target!r}.")
+        target[name] = yaml.safe_load(text) if text.strip() else None
     return raw
 
 
@@ -295,6 +304,10 @@ _YARN_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings",
               "mscale", "mscale_all_dim", "attention_factor", "truncate"}
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _model_rules(m: ModelConfig):
     """Yield (ok, sentence) for each model rule."""
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
@@ -323,7 +336,7 @@ def _model_rules(m: ModelConfig):
             yield 1 <= m.topk_group <= m.n_group, (
                 f"model.topk_group ({m.topk_group}) must be between 1 and n_group ({m.n_group}).")
             per_group = m.n_routed_experts // m.n_group if m.n_routed_experts % m.n_group == 0 else 0
-            if m.topk_method == "noaux_tc" and m.n_group > 1:
+            if m.topk_method == "noaux_tc" and m.n_group > 1 and per_group:
                 yield per_group >= 2, (
                     f"model.n_group ({m.n_group}) leaves fewer than 2 experts per group; noaux_tc scores a "
                     f"group by the sum of its top-2 experts.")
@@ -346,9 +359,14 @@ def _model_rules(m: ModelConfig):
         kind = rs.get("type", rs.get("rope_type"))
         yield kind == "yarn", f"model.rope_scaling.type must be 'yarn' (the only scaling DeepSeek-V3 uses), got {kind!r}."
         factor = rs.get("factor")
-        yield isinstance(factor, (int, float)) and factor >= 1, f"model.rope_scaling.factor must be a number >= 1, got {factor!r}."
+        yield _is_number(factor) and factor >= 1, f"model.rope_scaling.factor must be a number >= 1, got {factor!r}."
+        for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            if rs.get(key) is not None:
+                yield _is_number(rs[key]), f"model.rope_scaling.{key} must be a number, got {rs[key]!r}."
+        if "truncate" in rs:
+            yield isinstance(rs["truncate"], bool), f"model.rope_scaling.truncate must be true or false, got {rs['truncate']!r}."
         ompe = rs.get("original_max_position_embeddings")
-        yield isinstance(ompe, int) and ompe >= 1, (
+        yield isinstance(ompe, int) and not isinstance(ompe, bool) and ompe >= 1, (
             f"model.rope_scaling.original_max_position_embeddings must be a positive integer, got {ompe!r}.")
 
 

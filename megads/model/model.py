@@ -50,16 +50,20 @@ def masked_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tor
     return per_token.sum() / count.clamp(min=1)
 
 
-def mtp_inputs_and_targets(labels: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mtp_inputs_and_targets(input_ids: torch.Tensor, labels: torch.Tensor, depth: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids t_{i+depth} fed to MTP depth `depth` at position i, and its targets t_{i+depth+1}.
 
-    With labels[i] = t_{i+1}: input[i] = labels[i + depth - 1], target[i] = labels[i + depth];
-    positions past the end get input 0 and an ignored target.
+    input_ids[i] = t_i and labels[i] = t_{i+1}, so input[i] = input_ids[i + depth] (the last one,
+    t_S, is labels[S-1]) and target[i] = labels[i + depth]. Inputs come from input_ids so that a
+    masked label (IGNORE_INDEX) never becomes an input token; positions past the end get input 0
+    and an ignored target.
     """
-    seq = labels.shape[1]
-    inputs = torch.zeros_like(labels)
+    batch, seq = labels.shape
+    inputs = torch.zeros_like(input_ids)
     targets = torch.full_like(labels, IGNORE_INDEX)
-    inputs[:, : seq - depth + 1] = labels[:, depth - 1:].clamp(min=0)
+    inputs[:, : seq - depth] = input_ids[:, depth:]
+    inputs[:, seq - depth] = labels[:, -1].clamp(min=0)
     targets[:, : seq - depth] = labels[:, depth:]
     return inputs, targets
 
@@ -104,7 +108,7 @@ class DeepSeekV3(nn.Module):
 
         mtp_losses = []
         for depth, module in enumerate(self.mtp, start=1):
-            mtp_ids, mtp_targets = mtp_inputs_and_targets(labels, depth)
+            mtp_ids, mtp_targets = mtp_inputs_and_targets(input_ids, labels, depth)
             h = module(h, self.embed_tokens(mtp_ids), cos, sin)
             mtp_losses.append(masked_mean_cross_entropy(self.lm_head(module.shared_head.norm(h)), mtp_targets))
 

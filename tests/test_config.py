@@ -1,0 +1,546 @@
+"""Tests for megads.config: loading, type checking, overrides and every validation rule."""
+
+import dataclasses
+import inspect
+import math
+import re
+
+import pytest
+import yaml
+
+from megads.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    config_from_dict,
+    describe_fields,
+    dump_config,
+    load_config,
+    validate,
+)
+
+YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def yarn(**changes):
+    rs = dict(YARN)
+    for key, value in changes.items():
+        if value is _DROP:
+            rs.pop(key)
+        else:
+            rs[key] = value
+    return rs
+
+
+_DROP = object()
+
+
+def _error(raw) -> str:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------- defaults and loading
+
+
+def test_defaults_validate():
+    cfg = config_from_dict({})
+    validate(cfg)
+    assert cfg == Config()
+    assert cfg.model.qk_head_dim == cfg.model.qk_nope_head_dim + cfg.model.qk_rope_head_dim
+    assert config_from_dict(None) == Config()
+    assert load_config() == Config()
+
+
+def test_empty_sections_mean_defaults():
+    assert config_from_dict({"model": None, "train": {}}) == Config()
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(overrides=["model.q_lora_rank=32", f"model.rope_scaling={YARN}".replace("'", "")])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_describe_fields_lists_every_field_with_help():
+    text = describe_fields()
+    for section in ("model", "parallel", "data", "train"):
+        cls = type(getattr(Config(), section))
+        assert f"{section}:" in text
+        for f in dataclasses.fields(cls):
+            assert f"  {f.name} = " in text
+            assert f.metadata.get("help"), f"{section}.{f.name} has no help"
+
+
+def test_load_yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model:\n"
+        "  hidden_size: 128\n"
+        "  q_lora_rank: 32\n"
+        "  rope_scaling: {type: yarn, factor: 4, original_max_position_embeddings: 1024}\n"
+        "train:\n"
+        "  lr: 1          # int accepted where a float is expected\n"
+        "  max_steps: 7\n"
+        "parallel:\n"
+        "  schedule: dualpipe\n"
+        "  pipeline_parallel: 2\n"
+        "data:\n"
+        "  tokenizer: byte\n")
+    cfg = load_config(path)
+    assert cfg.model.hidden_size == 128
+    assert cfg.model.q_lora_rank == 32
+    assert cfg.model.rope_scaling["factor"] == 4
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 7
+    assert cfg.parallel.schedule == "dualpipe"
+    assert cfg.data.tokenizer == "byte"
+    # untouched fields keep their defaults
+    assert cfg.model.vocab_size == ModelConfig().vocab_size
+    # a path given as a string works too
+    assert load_config(str(path)) == cfg
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == Config()
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(missing)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path)  # a directory is not a config file
+
+
+def test_invalid_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {hidden_size: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_unknown_key_in_yaml_file_names_it(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("train:\n  max_step: 10\n")
+    with pytest.raises(ConfigError, match=r"train\.max_step\b"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("model: 5\n", "model"),
+    ("model: [1, 2]\n", "model"),
+    ("- model\n- train\n", "mapping"),
+    ("just a string\n", "mapping"),
+])
+def test_non_mapping_yaml_is_a_config_error(tmp_path, text, where):
+    """A file whose top level or section is not a mapping is a ConfigError, not a TypeError.
+
+    Library bug: apply_overrides (config.py:250) runs dict(v or {}) / raw.items() before
+    config_from_dict's mapping checks, so load_config raises TypeError / AttributeError here.
+    """
+    path = tmp_path / "shape.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=where):
+        load_config(path)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def test_overrides_apply_and_parse_yaml_values():
+    base = {"train": {"max_steps": 5}, "model": {"q_lora_rank": 32}}
+    raw = apply_overrides(base, [
+        "train.max_steps=20",
+        "model.q_lora_rank=null",
+        "train.lr=1e-3",  # PyYAML reads 1e-3 as a string; 0.001 style is a float
+        "data.source = /tmp/texts",
+        "model.rope_scaling={type: yarn, factor: 4, original_max_position_embeddings: 1024}",
+        "parallel.sequence_parallel=true",
+    ])
+    assert raw["train"]["max_steps"] == 20
+    assert raw["model"]["q_lora_rank"] is None
+    assert raw["data"]["source"] == "/tmp/texts"
+    assert raw["model"]["rope_scaling"] == {"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024}
+    assert raw["parallel"]["sequence_parallel"] is True
+    # the input dict is not mutated
+    assert base == {"train": {"max_steps": 5}, "model": {"q_lora_rank": 32}}
+
+
+def test_overrides_through_load_config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: 5\nmodel:\n  q_lora_rank: 32\n")
+    cfg = load_config(path, ["train.max_steps=20", "model.q_lora_rank=null", "train.lr=0.01"])
+    assert cfg.train.max_steps == 20
+    assert cfg.model.q_lora_rank is None
+    assert cfg.train.lr == 0.01
+    # the last override of a key wins
+    assert load_config(None, ["train.max_steps=3", "train.max_steps=4"]).train.max_steps == 4
+
+
+@pytest.mark.parametrize("item", [
+    "train.max_steps",       # no '='
+    "max_steps=20",          # no section
+    "train.max.steps=20",    # too many parts
+    ".max_steps=20",         # empty section
+    "train.=20",             # empty key
+    "=20",
+])
+def test_bad_override_syntax(item):
+    with pytest.raises(ConfigError, match="SECTION.KEY"):
+        apply_overrides({}, [item])
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.max_stepz=20", "train.max_stepz"),
+    ("trian.max_steps=20", "trian"),
+    ("train.max_steps=abc", "train.max_steps"),
+    ("train.max_steps=", "train.max_steps"),     # empty value is null, not an integer
+    ("train.max_steps=2.5", "train.max_steps"),
+    ("train.lr=1e-3", "train.lr"),               # YAML 1.1: '1e-3' is a string
+    ("model.scoring_func=relu", "model.scoring_func"),
+    ("model.topk_group=5", "model.topk_group"),
+])
+def test_bad_override_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert field in str(info.value)
+
+
+# ----------------------------------------------------------------------------- types
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"model": {"hidden_szie": 64}}, "model.hidden_szie"),
+    ({"train": {"steps": 1}}, "train.steps"),
+    ({"parallel": {"tp": 2}}, "parallel.tp"),
+    ({"data": {"path": "x"}}, "data.path"),
+    ({"modle": {}}, "modle"),
+    ({"optimizer": {"lr": 1.0}}, "optimizer"),
+])
+def test_unknown_keys_and_sections(raw, field):
+    msg = _error(raw)
+    assert "Unknown" in msg and f"'{field}'" in msg
+
+
+@pytest.mark.parametrize("raw, field", [
+    # string where an int is expected
+    ({"train": {"max_steps": "20"}}, "train.max_steps"),
+    # float where an int is expected
+    ({"train": {"max_steps": 20.0}}, "train.max_steps"),
+    ({"model": {"hidden_size": 256.5}}, "model.hidden_size"),
+    # bool is not an int, int is not a bool
+    ({"model": {"hidden_size": True}}, "model.hidden_size"),
+    ({"model": {"norm_topk_prob": 1}}, "model.norm_topk_prob"),
+    ({"parallel": {"sequence_parallel": "yes"}}, "parallel.sequence_parallel"),
+    # bool / string where a float is expected
+    ({"train": {"lr": True}}, "train.lr"),
+    ({"train": {"lr": "fast"}}, "train.lr"),
+    ({"model": {"rope_theta": None}}, "model.rope_theta"),
+    # Optional[int]
+    ({"model": {"q_lora_rank": "big"}}, "model.q_lora_rank"),
+    ({"model": {"q_lora_rank": 1.5}}, "model.q_lora_rank"),
+    ({"model": {"q_lora_rank": False}}, "model.q_lora_rank"),
+    ({"train": {"decay_steps": "never"}}, "train.decay_steps"),
+    ({"parallel": {"micro_batches": 2.0}}, "parallel.micro_batches"),
+    # strings
+    ({"data": {"source": 5}}, "data.source"),
+    ({"data": {"cache_dir": 3}}, "data.cache_dir"),
+    ({"parallel": {"schedule": 1}}, "parallel.schedule"),
+    # Literal fields
+    ({"model": {"scoring_func": "relu"}}, "model.scoring_func"),
+    ({"model": {"topk_method": "topk"}}, "model.topk_method"),
+    ({"model": {"hidden_act": "gelu"}}, "model.hidden_act"),
+    ({"data": {"tokenizer": "wordpiece"}}, "data.tokenizer"),
+    ({"train": {"precision": "fp16"}}, "train.precision"),
+    ({"train": {"precision": 32}}, "train.precision"),
+    # rope_scaling must be a mapping or null
+    ({"model": {"rope_scaling": ["yarn", 40]}}, "model.rope_scaling"),
+    ({"model": {"rope_scaling": "yarn"}}, "model.rope_scaling"),
+])
+def test_wrong_types_name_the_field(raw, field):
+    assert field in _error(raw)
+
+
+@pytest.mark.parametrize("section_value", [[1, 2], "model", 5])
+def test_section_must_be_a_mapping(section_value):
+    assert "'model'" in _error({"model": section_value})
+
+
+def test_falsy_non_mapping_section_is_rejected():
+    """`model: 0` (or `false`) is not a mapping either.
+
+    Library bug: config_from_dict (config.py:243) uses `raw.get(name) or {}`, so any falsy value
+    silently becomes an empty section.
+    """
+    assert "'model'" in _error({"model": 0})
+
+
+def test_top_level_must_be_a_mapping():
+    assert "mapping" in _error(["model"])
+
+
+def test_int_accepted_where_float_expected():
+    cfg = config_from_dict({"train": {"lr": 1, "min_lr": 0, "weight_decay": 0, "grad_clip": 2},
+                            "model": {"rope_theta": 50000, "routed_scaling_factor": 2}})
+    for value in (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay, cfg.train.grad_clip,
+                  cfg.model.rope_theta, cfg.model.routed_scaling_factor):
+        assert isinstance(value, float)
+    assert cfg.train.lr == 1.0 and cfg.model.rope_theta == 50000.0
+
+
+def test_optional_fields_accept_null_and_value():
+    cfg = config_from_dict({"model": {"q_lora_rank": 16, "rope_scaling": None},
+                            "train": {"decay_steps": None, "num_threads": 2},
+                            "parallel": {"micro_batches": 4}, "data": {"cache_dir": None}})
+    assert cfg.model.q_lora_rank == 16 and cfg.model.rope_scaling is None
+    assert cfg.train.decay_steps is None and cfg.train.num_threads == 2
+    assert cfg.parallel.micro_batches == 4
+
+
+# ----------------------------------------------------------------------------- rules, one at a time
+
+M, T, P, D = "model", "train", "parallel", "data"
+MULTI = "multi"  # the violation necessarily breaks a dependent rule too
+
+# (raw config, text the error must contain[, MULTI]). Without MULTI the raw config violates exactly
+# one rule, so the error is that rule's sentence alone.
+RULE_CASES = [
+    # ---- model: sizes
+    ({M: {"vocab_size": 0}}, "model.vocab_size"),
+    ({M: {"hidden_size": 0}}, "model.hidden_size"),
+    ({M: {"num_hidden_layers": 0, "first_k_dense_replace": 0}}, "model.num_hidden_layers must be at least 1", MULTI),
+    ({M: {"num_attention_heads": 0}}, "model.num_attention_heads"),
+    ({M: {"kv_lora_rank": 0}}, "model.kv_lora_rank"),
+    ({M: {"qk_rope_head_dim": 0}}, "model.qk_rope_head_dim"),
+    ({M: {"v_head_dim": 0}}, "model.v_head_dim"),
+    ({M: {"max_position_embeddings": 0}}, "model.max_position_embeddings"),
+    ({M: {"qk_nope_head_dim": -1}}, "model.qk_nope_head_dim"),
+    ({M: {"n_shared_experts": -1}}, "model.n_shared_experts"),
+    ({M: {"num_nextn_predict_layers": -1}}, "model.num_nextn_predict_layers"),
+    ({M: {"n_routed_experts": -16, "first_k_dense_replace": 4, "num_nextn_predict_layers": 0}},
+     "model.n_routed_experts"),
+    ({M: {"qk_rope_head_dim": 15}}, "model.qk_rope_head_dim must be even"),
+    ({M: {"q_lora_rank": 0}}, "model.q_lora_rank"),
+    ({M: {"first_k_dense_replace": 5}}, "model.first_k_dense_replace"),
+    ({M: {"first_k_dense_replace": -1}}, "model.first_k_dense_replace"),
+    ({M: {"intermediate_size": 0}}, "model.intermediate_size"),
+    # ---- model: MoE
+    ({M: {"n_routed_experts": 0}}, "model.n_routed_experts must be at least 1", MULTI),
+    ({M: {"moe_intermediate_size": 0}}, "model.moe_intermediate_size"),
+    ({M: {"num_experts_per_tok": 17}}, "model.num_experts_per_tok (17) must be between", MULTI),
+    ({M: {"num_experts_per_tok": 0}}, "model.num_experts_per_tok (0)"),
+    ({M: {"n_group": 0, "topk_group": 0}}, "model.n_group"),
+    ({M: {"n_group": 3}}, "model.n_routed_experts (16) must be divisible by n_group (3)", MULTI),
+    ({M: {"n_group": 2, "topk_group": 3}}, "model.topk_group (3)"),
+    ({M: {"n_group": 2, "topk_group": 0}}, "model.topk_group (0)", MULTI),
+    ({M: {"n_group": 16, "topk_group": 4}}, "fewer than 2 experts per group"),
+    ({M: {"n_group": 4, "topk_group": 1, "num_experts_per_tok": 5}}, "model.num_experts_per_tok (5) exceeds"),
+    ({M: {"n_group": 16, "topk_group": 3, "topk_method": "group_limited_greedy"}},
+     "model.num_experts_per_tok (4) exceeds"),
+    ({M: {"routed_scaling_factor": 0}}, "model.routed_scaling_factor"),
+    # ---- model: scalars
+    ({M: {"rms_norm_eps": 0}}, "model.rms_norm_eps"),
+    ({M: {"rope_theta": -1}}, "model.rope_theta"),
+    ({M: {"initializer_range": 0}}, "model.initializer_range"),
+    ({M: {"tie_word_embeddings": True}}, "model.tie_word_embeddings"),
+    ({M: {"mtp_loss_weight": -0.1}}, "model.mtp_loss_weight"),
+    ({M: {"bias_update_speed": -0.001}}, "model.bias_update_speed"),
+    ({M: {"aux_loss_alpha": -1e-4}}, "model.aux_loss_alpha"),
+    # ---- model: rope_scaling
+    ({M: {"rope_scaling": yarn(scale=2)}}, "model.rope_scaling has unknown keys ['scale']"),
+    ({M: {"rope_scaling": yarn(type="linear")}}, "model.rope_scaling.type"),
+    ({M: {"rope_scaling": yarn(type=_DROP)}}, "model.rope_scaling.type"),
+    ({M: {"rope_scaling": yarn(factor=_DROP)}}, "model.rope_scaling.factor"),
+    ({M: {"rope_scaling": yarn(factor="40")}}, "model.rope_scaling.factor"),
+    ({M: {"rope_scaling": yarn(factor=0.5)}}, "model.rope_scaling.factor"),
+    ({M: {"rope_scaling": yarn(original_max_position_embeddings=_DROP)}},
+     "model.rope_scaling.original_max_position_embeddings"),
+    ({M: {"rope_scaling": yarn(original_max_position_embeddings=4096.0)}},
+     "model.rope_scaling.original_max_position_embeddings"),
+    ({M: {"rope_scaling": yarn(original_max_position_embeddings=0)}},
+     "model.rope_scaling.original_max_position_embeddings"),
+    # ---- train
+    ({T: {"max_steps": 0}}, "train.max_steps"),
+    ({T: {"global_batch_size": 0}}, "train.global_batch_size"),
+    ({T: {"micro_batch_size": 0}}, "train.micro_batch_size"),
+    ({T: {"seq_length": 0}}, "train.seq_length"),
+    ({T: {"log_every": 0}}, "train.log_every"),
+    ({T: {"eval_batches": 0}}, "train.eval_batches"),
+    ({T: {"save_every": -1}}, "train.save_every"),
+    ({T: {"keep_checkpoints": -1}}, "train.keep_checkpoints"),
+    ({T: {"eval_every": -1}}, "train.eval_every"),
+    ({T: {"warmup_steps": -1}}, "train.warmup_steps"),
+    ({T: {"weight_decay": -0.1}}, "train.weight_decay"),
+    ({T: {"grad_clip": -1}}, "train.grad_clip"),
+    ({T: {"global_batch_size": 8, "micro_batch_size": 3}},
+     "train.global_batch_size (8) must be divisible by train.micro_batch_size (3)"),
+    ({T: {"lr": 0, "min_lr": 0}}, "train.lr"),
+    ({T: {"min_lr": 0.1}}, "train.min_lr"),
+    ({T: {"min_lr": -1e-5}}, "train.min_lr"),
+    ({T: {"adam_beta1": 1.0}}, "train.adam_beta1"),
+    ({T: {"adam_beta2": -0.1}}, "train.adam_beta2"),
+    ({T: {"adam_eps": 0}}, "train.adam_eps"),
+    ({T: {"decay_steps": 0}}, "train.decay_steps"),
+    ({T: {"num_threads": 0}}, "train.num_threads"),
+    # ---- parallel
+    ({P: {"tensor_parallel": 0}}, "parallel.tensor_parallel"),
+    ({P: {"pipeline_parallel": 0}}, "parallel.pipeline_parallel"),
+    ({P: {"expert_parallel": 0}}, "parallel.expert_parallel"),
+    ({P: {"virtual_stages": 0}}, "parallel.virtual_stages"),
+    ({P: {"schedule": "gpipe"}}, "parallel.schedule"),
+    ({P: {"micro_batches": 0}}, "parallel.micro_batches"),
+    ({P: {"tensor_parallel": 16}}, "model.num_attention_heads (8) must be divisible by parallel.tensor_parallel (16)"),
+    ({P: {"tensor_parallel": 2}, M: {"vocab_size": 8191}}, "model.vocab_size (8191)"),
+    ({P: {"tensor_parallel": 2}, M: {"intermediate_size": 703}}, "model.intermediate_size (703)"),
+    ({P: {"expert_parallel": 3}}, "model.n_routed_experts (16) must be divisible by parallel.expert_parallel (3)"),
+    ({P: {"pipeline_parallel": 8}}, "model.num_hidden_layers (4) must be at least"),
+    ({P: {"pipeline_parallel": 2, "virtual_stages": 3}}, "model.num_hidden_layers (4) must be at least"),
+    ({P: {"schedule": "dualpipe", "pipeline_parallel": 3}}, "dualpipe needs an even parallel.pipeline_parallel"),
+    ({P: {"sequence_parallel": True, "tensor_parallel": 2}, T: {"seq_length": 255}}, "train.seq_length (255)"),
+    # ---- data
+    ({D: {"max_bytes": 999}}, "data.max_bytes"),
+    ({D: {"valid_fraction": 0.5}}, "data.valid_fraction"),
+    ({D: {"valid_fraction": -0.01}}, "data.valid_fraction"),
+    ({D: {"tokenizer": "byte"}, M: {"vocab_size": 256}}, "model.vocab_size (256) must be at least 260"),
+]
+
+
+RULE_CASES = [case if len(case) == 3 else (*case, None) for case in RULE_CASES]
+
+
+def _case_id(case):
+    return ",".join(f"{s}.{k}={v[k]!r}"[:40] for s, v in case[0].items() for k in v)
+
+
+@pytest.mark.parametrize("raw, expected, multi", RULE_CASES, ids=[_case_id(c) for c in RULE_CASES])
+def test_each_rule(raw, expected, multi):
+    msg = _error(raw)
+    assert expected in msg
+    if not multi:
+        # exactly one rule is violated: the message is that rule's single sentence
+        assert not msg.startswith("Invalid configuration"), msg
+
+
+def test_n_group_not_dividing_experts_is_one_error():
+    """16 experts in 3 groups is reported as 'not divisible', not also as 'fewer than 2 experts per group'.
+
+    Library bug (message only): _model_rules (config.py:325-329) sets per_group = 0 when n_group does not
+    divide n_routed_experts and then reports the spurious 'leaves fewer than 2 experts per group'.
+    """
+    msg = _error({M: {"n_group": 3}})
+    assert "divisible by n_group (3)" in msg
+    assert "fewer than 2 experts per group" not in msg
+
+
+def test_every_validated_field_has_a_case():
+    """Each field the rules read (per the source of the rule functions) is set in some RULE_CASES entry."""
+    import megads.config as config_module
+
+    rules_source = "".join(inspect.getsource(fn) for fn in (
+        config_module._model_rules, config_module._train_rules, config_module._parallel_rules,
+        config_module._data_rules, config_module.validate))
+    exercised = {f"{section}.{key}" for raw, _, _ in RULE_CASES for section, values in raw.items() for key in values}
+    for section, cfg in (("model", ModelConfig()), ("train", Config().train), ("parallel", Config().parallel),
+                         ("data", Config().data)):
+        for f in dataclasses.fields(cfg):
+            if re.search(rf"\b{f.name}\b", rules_source):
+                assert f"{section}.{f.name}" in exercised, f"no rule case sets {section}.{f.name}"
+
+
+# ----------------------------------------------------------------------------- valid edge cases
+
+
+@pytest.mark.parametrize("raw", [
+    # group-limited routing with valid sizes
+    {M: {"n_group": 4, "topk_group": 2}},
+    {M: {"n_group": 8, "topk_group": 2, "num_experts_per_tok": 4}},
+    # greedy ignores groups: one expert per group is fine
+    {M: {"n_group": 16, "topk_group": 1, "topk_method": "greedy"}},
+    # group_limited_greedy scores a group by its max: one expert per group is fine
+    {M: {"n_group": 16, "topk_group": 4, "topk_method": "group_limited_greedy", "scoring_func": "softmax"}},
+    # a dense-only model needs no experts
+    {M: {"n_routed_experts": 0, "first_k_dense_replace": 4, "num_nextn_predict_layers": 0},
+     P: {"expert_parallel": 3}},
+    # no dense layers: intermediate_size is unused
+    {M: {"first_k_dense_replace": 0, "intermediate_size": 0}, P: {"tensor_parallel": 2}},
+    {M: {"num_experts_per_tok": 16}},
+    {M: {"rope_scaling": YARN}},
+    {M: {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                          "truncate": False, "attention_factor": 1.0}}},
+    {M: {"q_lora_rank": 32, "qk_nope_head_dim": 0}},
+    {P: {"schedule": "dualpipe", "pipeline_parallel": 2}},
+    {P: {"schedule": "dualpipev", "pipeline_parallel": 3}},
+    {P: {"pipeline_parallel": 2, "virtual_stages": 2}},
+    {P: {"tensor_parallel": 2, "sequence_parallel": True, "expert_parallel": 4}},
+    {T: {"global_batch_size": 32, "micro_batch_size": 4, "min_lr": 0.003, "adam_beta1": 0}},
+    {D: {"tokenizer": "byte"}, M: {"vocab_size": 260}},
+    {D: {"valid_fraction": 0, "max_bytes": 1000}},
+])
+def test_valid_edge_cases(raw):
+    config_from_dict(raw)
+
+
+# ----------------------------------------------------------------------------- several violations
+
+
+def test_several_violations_are_all_listed():
+    raw = {
+        M: {"topk_group": 2, "num_experts_per_tok": 20, "hidden_size": 0},
+        T: {"global_batch_size": 10, "micro_batch_size": 4, "lr": -1.0},
+        P: {"pipeline_parallel": 8},
+        D: {"valid_fraction": 0.9},
+    }
+    msg = _error(raw)
+    assert msg.startswith("Invalid configuration:")
+    expected = ["model.hidden_size", "model.num_experts_per_tok (20)", "model.topk_group (2)",
+                "train.global_batch_size (10)", "train.lr", "model.num_hidden_layers (4)", "data.valid_fraction"]
+    for text in expected:
+        assert text in msg
+    lines = msg.splitlines()[1:]
+    assert len(lines) >= len(expected)
+    assert all(line.startswith("  ") for line in lines)
+
+
+def test_validate_checks_a_mutated_config():
+    cfg = Config()
+    cfg.model.topk_group = 2
+    with pytest.raises(ConfigError, match=r"model\.topk_group"):
+        validate(cfg)
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# ----------------------------------------------------------------------------- known gaps (library bugs)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"factor": True}, "model.rope_scaling.factor"),
+    ({"original_max_position_embeddings": True}, "model.rope_scaling.original_max_position_embeddings"),
+    ({"beta_fast": "fast"}, "model.rope_scaling.beta_fast"),
+    ({"beta_slow": [1]}, "model.rope_scaling.beta_slow"),
+    ({"mscale": "one"}, "model.rope_scaling.mscale"),
+    ({"mscale_all_dim": "one"}, "model.rope_scaling.mscale_all_dim"),
+])
+def test_rope_scaling_value_types(changes, field):
+    """Every rope_scaling value is type-checked (bool is not a number; beta/mscale must be numbers).
+
+    Library bug: _model_rules (config.py:342-352) checks only the keys, type, factor and
+    original_max_position_embeddings, and lets bools pass isinstance(x, int). A config with
+    beta_fast: "fast" validates and then fails inside rope.py with a TypeError.
+    """
+    assert field in _error({M: {"rope_scaling": yarn(**changes)}})
+
+
+def test_yarn_factor_value_reaches_model_config():
+    cfg = config_from_dict({M: {"rope_scaling": YARN}})
+    assert math.isclose(cfg.model.rope_scaling["factor"], 40)
+    assert yaml.safe_load(dump_config(cfg))["model"]["rope_scaling"] == YARN
