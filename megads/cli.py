@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"megads {args.command}: configuration error: {err}", file=sys.stderr)
         return 2
-    except CheckpointFormatError as err:
+    except (CheckpointFormatError, FileExistsError, FileNotFoundError) as err:
         print(f"megads {args.command}: {err}", file=sys.stderr)
         return 1
 

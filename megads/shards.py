@@ -99,6 +99,7 @@ class ShardedReader:
 
     def __init__(self, directory: str | Path, prefix: str = "model"):
         self.directory = Path(directory)
+        self._handles: dict[str, object] = {}
         index_path = self.directory / f"{prefix}.safetensors.index.json"
         single = self.directory / f"{prefix}.safetensors"
         if index_path.is_file():
@@ -111,7 +112,6 @@ class ShardedReader:
         else:
             raise CheckpointFormatError(
                 f"No weights in {self.directory}: expected {index_path.name} or {single.name}.")
-        self._handles: dict[str, object] = {}
         for shard in sorted(set(self._weight_map.values())):
             if not (self.directory / shard).is_file():
                 raise CheckpointFormatError(f"Shard {self.directory / shard} named in the index is missing.")

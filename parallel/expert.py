@@ -17,9 +17,8 @@ import torch
 class DispatchState:
     """What combine() needs to undo dispatch()."""
 
-    inverse_order: torch.Tensor  # position of each (token, k) slot in the sorted order
+    token_of_slot: torch.Tensor  # for each sorted (token, expert) slot, the token it came from
     num_tokens: int
-    top_k: int
 
 
 class LocalTokenDispatcher:
@@ -28,19 +27,24 @@ class LocalTokenDispatcher:
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def dispatch(self, hidden: torch.Tensor, topk_idx: torch.Tensor):
-        """hidden [T, H], topk_idx [T, K] -> (tokens sorted by expert [T*K, H], tokens per expert [E], state)."""
+    def dispatch(self, hidden: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor):
+        """hidden [T, H], topk_idx and gates [T, K] -> tokens sorted by expert [T*K, H], their gates
+        [T*K], tokens per expert [E], and the state combine() needs."""
         num_tokens, top_k = topk_idx.shape
         flat_expert = topk_idx.reshape(-1)
         # Stable sort keeps each expert's tokens in their original order (deterministic results).
         order = torch.argsort(flat_expert, stable=True)
         tokens_per_expert = torch.bincount(flat_expert, minlength=self.num_experts)
-        sorted_tokens = hidden.index_select(0, order // top_k)
-        inverse_order = torch.empty_like(order)
-        inverse_order[order] = torch.arange(order.numel(), device=order.device)
-        return sorted_tokens, tokens_per_expert, DispatchState(inverse_order, num_tokens, top_k)
+        token_of_slot = order // top_k
+        sorted_tokens = hidden.index_select(0, token_of_slot)
+        sorted_gates = gates.reshape(-1).index_select(0, order)
+        return sorted_tokens, sorted_gates, tokens_per_expert, DispatchState(token_of_slot, num_tokens)
 
-    def combine(self, expert_out: torch.Tensor, gates: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        """expert_out [T*K, H] in sorted order, gates [T, K] -> gate-weighted sum per token [T, H]."""
-        per_slot = expert_out.index_select(0, state.inverse_order).view(state.num_tokens, state.top_k, -1)
-        return torch.einsum("tkh,tk->th", per_slot, gates.to(per_slot.dtype))
+    def combine(self, expert_out: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """expert_out [T*K, H] (already gate-weighted) in sorted order -> per-token sum [T, H].
+
+        index_add_ on one device adds each token's K contributions in a fixed (sorted) order, so
+        the result is deterministic.
+        """
+        out = expert_out.new_zeros(state.num_tokens, expert_out.shape[-1])
+        return out.index_add(0, state.token_of_slot, expert_out)

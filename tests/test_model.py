@@ -344,26 +344,27 @@ def test_dispatcher_sorts_counts_and_combines():
     x = torch.randn(num_tokens, hidden, generator=gen)
     dispatcher = LocalTokenDispatcher(num_experts)
 
-    sorted_tokens, tokens_per_expert, state = dispatcher.dispatch(x, topk_idx)
+    gates = torch.rand(num_tokens, k, generator=gen)
+    sorted_tokens, sorted_gates, tokens_per_expert, state = dispatcher.dispatch(x, topk_idx, gates)
 
     flat = topk_idx.reshape(-1).tolist()
     slots = sorted(range(num_tokens * k), key=lambda s: (flat[s], s))  # stable sort by expert
     assert torch.equal(sorted_tokens, x[[s // k for s in slots]])
+    assert torch.equal(sorted_gates, gates.reshape(-1)[slots])
     assert torch.equal(tokens_per_expert, torch.bincount(topk_idx.reshape(-1), minlength=num_experts))
     assert tokens_per_expert.tolist()[4] == 0 and tokens_per_expert.sum() == num_tokens * k
     experts_in_order = [flat[s] for s in slots]
     assert experts_in_order == sorted(experts_in_order)
 
-    # combine: each slot's output goes back to its token, weighted by its gate
+    # combine: each slot's (gate-weighted) output goes back to its token and is summed
     scale = torch.tensor(experts_in_order, dtype=torch.float32)[:, None] + 1  # "expert e multiplies by e+1"
-    gates = torch.rand(num_tokens, k, generator=gen)
-    combined = dispatcher.combine(sorted_tokens * scale, gates, state)
+    combined = dispatcher.combine(sorted_tokens * scale * sorted_gates[:, None], state)
     expected = torch.stack([sum(gates[t, j] * (topk_idx[t, j] + 1) * x[t] for j in range(k))
                             for t in range(num_tokens)])
     torch.testing.assert_close(combined, expected)
 
     # identity experts with gates 1/K give back the input
-    torch.testing.assert_close(dispatcher.combine(sorted_tokens, torch.full((num_tokens, k), 1 / k), state), x)
+    torch.testing.assert_close(dispatcher.combine(sorted_tokens / k, state), x)
 
 
 # ----------------------------------------------------------------------------- balance loss

@@ -73,6 +73,20 @@ class MultiHeadLatentAttention(nn.Module):
 
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.num_heads, -1)), dim=-1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + causal mask) v for [B, heads, S, dim] tensors.
+
+    MLA's value dim (v_head_dim) is usually smaller than its query/key dim (nope + rope); fused
+    attention kernels need them equal, so values are zero-padded (the extra output columns are
+    zero and dropped). Without padding PyTorch falls back to the unfused path, which materialises
+    the [S, S] scores and skips no masked blocks.
+    """
+    v_dim, qk_dim = v.shape[-1], q.shape[-1]
+    if v_dim < qk_dim:
+        v = F.pad(v, (0, qk_dim - v_dim))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out[..., :v_dim] if v_dim < qk_dim else out

@@ -71,19 +71,24 @@ class Router(nn.Module):
         return topk_idx, gates * self.routed_scaling_factor, scores
 
 
-def grouped_swiglu(tokens: torch.Tensor, tokens_per_expert: list[int], gate_up: torch.Tensor,
-                   down: torch.Tensor) -> torch.Tensor:
-    """Expert-wise SwiGLU over tokens sorted by expert: one GEMM pair per expert that has tokens.
+def grouped_swiglu(tokens: torch.Tensor, gates: torch.Tensor, tokens_per_expert: list[int],
+                   gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Gate-weighted expert SwiGLU over tokens sorted by expert: one GEMM pair per expert with tokens.
 
-    tokens [N, H] (expert-contiguous), gate_up [E, 2I, H], down [E, H, I]. The loop is over
-    experts, never over tokens.
+    tokens [N, H] (expert-contiguous), gates [N], gate_up [E, 2I, H], down [E, H, I]. The gating
+    weight scales the expert's hidden activation (g * (silu(a) * b)) W_down = g * FFN(x), on the
+    narrower I-dim tensor. The loop is over experts, never over tokens; the stacked weights are
+    unbound once, so backward writes each expert's gradient slice instead of one zero-filled
+    full-size tensor per expert.
     """
+    gate_up_weights, down_weights = gate_up.unbind(0), down.unbind(0)
     outputs = []
-    for expert, chunk in enumerate(tokens.split(tokens_per_expert)):
+    for expert, (chunk, chunk_gates) in enumerate(zip(tokens.split(tokens_per_expert), gates.split(tokens_per_expert))):
         if chunk.shape[0] == 0:
             continue
-        gate, up = F.linear(chunk, gate_up[expert]).chunk(2, dim=-1)
-        outputs.append(F.linear(F.silu(gate) * up, down[expert]))
+        gate, up = F.linear(chunk, gate_up_weights[expert]).chunk(2, dim=-1)
+        hidden = F.silu(gate) * up * chunk_gates.unsqueeze(-1).to(up.dtype)
+        outputs.append(F.linear(hidden, down_weights[expert]))
     if not outputs:
         return tokens.new_zeros(tokens.shape[0], down.shape[1])
     return torch.cat(outputs)
@@ -99,8 +104,10 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, sorted_tokens: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        return grouped_swiglu(sorted_tokens, tokens_per_expert.tolist(), self.gate_up_proj, self.down_proj)
+    def forward(self, sorted_tokens: torch.Tensor, sorted_gates: torch.Tensor,
+                tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return grouped_swiglu(sorted_tokens, sorted_gates, tokens_per_expert.tolist(), self.gate_up_proj,
+                              self.down_proj)
 
 
 class MoE(nn.Module):
@@ -123,9 +130,9 @@ class MoE(nn.Module):
         flat = x.reshape(-1, hidden)
         topk_idx, gates, scores = self.gate(flat)
 
-        sorted_tokens, tokens_per_expert, state = self.dispatcher.dispatch(flat, topk_idx)
-        expert_out = self.experts(sorted_tokens, tokens_per_expert)
-        out = self.dispatcher.combine(expert_out, gates, state).to(x.dtype)
+        sorted_tokens, sorted_gates, tokens_per_expert, state = self.dispatcher.dispatch(flat, topk_idx, gates)
+        expert_out = self.experts(sorted_tokens, sorted_gates, tokens_per_expert)
+        out = self.dispatcher.combine(expert_out, state).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
 
