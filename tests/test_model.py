@@ -633,9 +633,20 @@ def test_mtp_shares_embedding_and_head():
     # the one embedding and the one head are called for the main model and every depth
     calls = {"embed": [], "head": []}
     model.embed_tokens.register_forward_hook(lambda m, i, o: calls["embed"].append(m.weight.data_ptr()))
-    model.lm_head.register_forward_hook(lambda m, i, o: calls["head"].append(m.weight.data_ptr()))
+    # the head's weight goes straight into the fused head + cross-entropy: record what it is given
+    import megads.model.model as model_module
+    fused = model_module.linear_cross_entropy
+
+    def recording(hidden, weight, labels):
+        calls["head"].append(weight.data_ptr())
+        return fused(hidden, weight, labels)
+
     ids = torch.randint(0, 64, (2, 5))
-    out = model.compute_loss(ids, ids)
+    model_module.linear_cross_entropy = recording
+    try:
+        out = model.compute_loss(ids, ids)
+    finally:
+        model_module.linear_cross_entropy = fused
     assert calls["embed"] == [model.embed_tokens.weight.data_ptr()] * (1 + depth)
     assert calls["head"] == [model.lm_head.weight.data_ptr()] * (1 + depth)
 
@@ -794,3 +805,36 @@ def test_forward_backward_is_bitwise_deterministic():
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+# ----------------------------------------------------------------------------- fused head + loss
+
+
+@pytest.mark.parametrize("num_tokens, chunk", [(7, 3), (16, 16), (33, 8)])
+def test_fused_linear_cross_entropy_matches_unfused(num_tokens, chunk, monkeypatch):
+    """Loss and both gradients equal logits -> F.cross_entropy (mean over non-ignored), across chunkings."""
+    import megads.model.loss as loss_module
+    monkeypatch.setattr(loss_module, "CHUNK_TOKENS", chunk)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(num_tokens, 12, generator=gen, requires_grad=True)
+    weight = torch.randn(40, 12, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 40, (num_tokens,), generator=gen)
+    labels[::3] = IGNORE_INDEX
+    fused = loss_module.linear_cross_entropy(hidden, weight, labels)
+    (fused * 2.5).backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, ignore_index=IGNORE_INDEX)
+    (reference * 2.5).backward()
+    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_linear_cross_entropy_all_ignored_is_zero():
+    from megads.model.loss import linear_cross_entropy
+    hidden = torch.randn(4, 6, requires_grad=True)
+    weight = torch.randn(9, 6, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.full((4,), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0

@@ -2,7 +2,7 @@
 DeepseekV3ForCausalLM on the same config and the same weights, in one process, fp32 and bf16
 autocast. Prints tokens/s per row and the ratio against the best transformers row.
 
-    python tools/bench_train_step.py [--steps 6] [--warmup 2] [--threads N] [--profile]
+    python tools/bench_train_step.py [--steps 6] [--warmup 2] [--threads N] [--precisions fp32,bf16] [--profile]
 
 Both models start from identical weights (megads' state dict copied into transformers'); MTP is
 off for the comparison rows because transformers does not train MTP modules; one extra row shows
@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table for megads fp32")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="comma-separated subset of fp32,bf16 (bf16 autocast is only fast on CPUs with "
+                             "AVX512-BF16/AMX)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,7 +104,7 @@ def main() -> None:
         rows.append((name, precision, BATCH * SEQ / seconds, seconds))
         print(f"  measured {name} {precision}: {BATCH * SEQ / seconds:,.0f} tokens/s", flush=True)
 
-    for precision in ("fp32", "bf16"):
+    for precision in args.precisions.split(","):
         megads = build_model(cfg, seed=0)
         if not args.skip_transformers:
             hf = transformers_model(cfg, megads.state_dict())

@@ -24,9 +24,9 @@ from megads.model.moe import MoE
 from megads.model.mtp import MTPModule
 from megads.model.norm import RMSNorm
 from megads.model.rope import RotaryEmbedding
-from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megads.model.loss import IGNORE_INDEX, linear_cross_entropy, masked_mean_cross_entropy  # noqa: F401 (re-exported)
+from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -41,13 +41,6 @@ class LossOutput:
     @property
     def mtp_loss(self) -> torch.Tensor | None:
         return torch.stack(self.mtp_losses).mean() if self.mtp_losses else None
-
-
-def masked_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over positions whose label is not IGNORE_INDEX; 0 (not NaN) if there are none."""
-    per_token = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), IGNORE_INDEX)
-    count = (labels != IGNORE_INDEX).sum()
-    return per_token.sum() / count.clamp(min=1)
 
 
 def mtp_inputs_and_targets(input_ids: torch.Tensor, labels: torch.Tensor, depth: int
@@ -104,13 +97,13 @@ class DeepSeekV3(nn.Module):
         """
         cos, sin = self._positions(input_ids)
         h = self.hidden_states(input_ids, cos, sin)
-        lm_loss = masked_mean_cross_entropy(self.lm_head(self.norm(h)), labels)
+        lm_loss = linear_cross_entropy(self.norm(h), self.lm_head.weight, labels)
 
         mtp_losses = []
         for depth, module in enumerate(self.mtp, start=1):
             mtp_ids, mtp_targets = mtp_inputs_and_targets(input_ids, labels, depth)
             h = module(h, self.embed_tokens(mtp_ids), cos, sin)
-            mtp_losses.append(masked_mean_cross_entropy(self.lm_head(module.shared_head.norm(h)), mtp_targets))
+            mtp_losses.append(linear_cross_entropy(module.shared_head.norm(h), self.lm_head.weight, mtp_targets))
 
         balance = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         balance_loss = torch.stack(balance).sum() if balance else None

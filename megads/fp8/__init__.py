@@ -1,0 +1,49 @@
+"""FP8 training core: DeepSeek-V3's fine-grained E4M3 quantization, emulated and GPU GEMMs.
+
+    format      E4M3 constants, the saturating cast, code tables
+    quantize    1x128 tile / 128x128 block quantization, scales, the canonical layout
+    accumulate  Hopper's tensor-core accumulation chain and FP32 promotion
+    gemm        the backend interface, the emulated backend, (grouped) FP8 GEMMs
+    backends    Transformer Engine and PyTorch GPU backends (imported lazily)
+    linear      Fp8Linear and the expert-grouped FP8 linear
+    dispatch    FP8 expert dispatch (quantize before the all-to-all, dequantize after)
+    stats       counters and the non-finite detection a trainer reads
+"""
+
+from megads.fp8.accumulate import fma_f32, hopper_chains, promote
+from megads.fp8.dispatch import (
+    dequantize_after_dispatch,
+    pack_for_dispatch,
+    quantize_for_dispatch,
+    unpack_after_dispatch,
+)
+from megads.fp8.format import E4M3, E4M3_MAX, to_e4m3
+from megads.fp8.gemm import (
+    EmulatedBackend,
+    Fp8Backend,
+    Fp8BackendUnavailable,
+    backend_status,
+    fp8_gemm,
+    fp8_grouped_gemm,
+    get_backend,
+    hopper_gemm,
+)
+from megads.fp8.linear import Fp8Config, Fp8GroupedLinearFunction, Fp8Linear, Fp8LinearFunction, fp8_grouped_linear
+from megads.fp8.quantize import (
+    BLOCK,
+    Fp8Tensor,
+    compute_scale,
+    quantize_blocks,
+    quantize_tiles,
+    round_up_pow2,
+)
+from megads.fp8.stats import Fp8Stats, collect_stats, found_nonfinite, reset_stats
+
+__all__ = [
+    "BLOCK", "E4M3", "E4M3_MAX", "EmulatedBackend", "Fp8Backend", "Fp8BackendUnavailable", "Fp8Config",
+    "Fp8GroupedLinearFunction", "Fp8Linear", "Fp8LinearFunction", "Fp8Stats", "Fp8Tensor", "backend_status",
+    "collect_stats", "compute_scale", "dequantize_after_dispatch", "fma_f32", "found_nonfinite", "fp8_gemm",
+    "fp8_grouped_gemm", "fp8_grouped_linear", "get_backend", "hopper_chains", "hopper_gemm", "pack_for_dispatch",
+    "promote", "quantize_blocks", "quantize_for_dispatch", "quantize_tiles", "reset_stats", "round_up_pow2",
+    "to_e4m3", "unpack_after_dispatch",
+]
