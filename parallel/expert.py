@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -48,3 +49,201 @@ class LocalTokenDispatcher:
         """
         out = expert_out.new_zeros(state.num_tokens, expert_out.shape[-1])
         return out.index_add(0, state.token_of_slot, expert_out)
+
+
+# ============================================================================ expert parallelism
+#
+# Under expert parallelism (EP) the E routed experts are split across the ranks of an EP group in
+# contiguous blocks: group rank r holds experts [r*E/ep, (r+1)*E/ep) ("local experts", numbered
+# 0..E/ep-1 on that rank). Every rank routes its own tokens; dispatch sends each (token, expert)
+# slot to the rank owning the expert, combine brings the gate-weighted expert outputs back.
+#
+# Communication lives only in the autograd Functions below; the permutations around them are
+# ordinary differentiable index_select / index_add, so gradients reach the hidden states, the
+# gates and the expert weights. Every backward collective runs on every rank in the same order:
+# the autograd engine runs a graph's nodes in reverse creation order, the dispatch exchange is one
+# node (tokens then gates, in forward and backward), and combine keeps the dispatch node reachable
+# on ranks whose local experts received no token (see _CombineAllToAll).
+
+
+def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    """all_to_all_single along dim 0 with uneven splits: rows input_splits[i] go to group rank i,
+    output_splits[i] rows come from group rank i. Zero-row tensors and zero splits are fine."""
+    x = x.contiguous()  # gloo reads a strided tensor's memory as if it were contiguous
+    out = x.new_empty((sum(output_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=output_splits, input_split_sizes=input_splits, group=group)
+    return out
+
+
+class _DispatchAllToAll(torch.autograd.Function):
+    """Forward: send tokens [N, H] and their gates [N] to the expert owners (uneven all-to-all).
+    Backward: the same exchange with the splits swapped sends the gradients home.
+
+    Tokens and gates travel in one node so that their two collectives are always issued in the same
+    order on every rank (gates keep their own dtype: FP32 router output next to BF16 tokens).
+    """
+
+    @staticmethod
+    def forward(ctx, tokens, gates, output_splits, input_splits, group):
+        ctx.splits = (output_splits, input_splits)
+        ctx.group = group
+        return (_all_to_all(tokens, output_splits, input_splits, group),
+                _all_to_all(gates, output_splits, input_splits, group))
+
+    @staticmethod
+    def backward(ctx, grad_tokens, grad_gates):
+        # Grads are materialised (zeros) when an output got none, so both collectives always run.
+        output_splits, input_splits = ctx.splits
+        return (_all_to_all(grad_tokens, input_splits, output_splits, ctx.group),
+                _all_to_all(grad_gates, input_splits, output_splits, ctx.group), None, None, None)
+
+
+class _CombineAllToAll(torch.autograd.Function):
+    """Forward: send expert outputs back to the ranks their tokens came from; backward: the reverse.
+
+    `anchors` (the dispatched tokens and gates, passed only when this rank's local experts received
+    no slot, so they have zero rows) get zero gradients. They keep the dispatch exchange reachable
+    from the loss when the expert computation skipped empty inputs and returned a constant (as
+    grouped_swiglu does): otherwise this rank would skip that exchange's backward collectives while
+    its peers wait in them.
+    """
+
+    @staticmethod
+    def forward(ctx, expert_out, output_splits, input_splits, group, *anchors):
+        ctx.splits = (output_splits, input_splits)
+        ctx.group = group
+        ctx.anchor_shapes = [(a.shape, a.dtype, a.device) for a in anchors]
+        return _all_to_all(expert_out, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        # Always communicate, even when expert_out needs no gradient here: peers take part too.
+        grad_in = _all_to_all(grad, input_splits, output_splits, ctx.group)
+        anchor_grads = tuple(torch.zeros(shape, dtype=dtype, device=device)
+                             for shape, dtype, device in ctx.anchor_shapes)
+        return (grad_in if ctx.needs_input_grad[0] else None, None, None, None, *anchor_grads)
+
+
+@dataclass
+class AllToAllDispatchState:
+    """What AllToAllTokenDispatcher.combine() needs to undo dispatch(), plus load statistics."""
+
+    token_of_slot: torch.Tensor  # for each of this rank's slots sorted by global expert, its token
+    num_tokens: int  # this rank's tokens (T)
+    send_splits: list[int]  # slots this rank sent to each EP rank
+    recv_splits: list[int]  # slots this rank received from each EP rank
+    unsort: torch.Tensor | None  # [local expert][source] order -> received [source][local expert]; None: identity
+    anchors: tuple  # see _CombineAllToAll
+    # This rank's own slots per GLOBAL expert [E] (no communication; not summed over the EP group).
+    local_tokens_per_expert: torch.Tensor
+    # Slots received per (source EP rank, local expert) [ep, E/ep].
+    recv_tokens_per_expert: torch.Tensor
+
+
+class AllToAllTokenDispatcher:
+    """Expert-parallel dispatcher: same dispatch/combine interface as LocalTokenDispatcher.
+
+    This rank (group rank r of the EP group of size ep) holds experts [r*E/ep, (r+1)*E/ep).
+    dispatch(hidden [T, H], topk_idx [T, K] (global expert ids), gates [T, K]) returns
+
+    - tokens [N, H] and gates [N]: the slots of ALL EP ranks routed to this rank's experts, sorted
+      by local expert and, within an expert, by source rank then by the source's token order (the
+      order a single process holding everyone's tokens, rank-major, would see);
+    - tokens_per_expert [E/ep]: their count per LOCAL expert (summed over source ranks);
+    - the state combine() needs.
+
+    so the same grouped GEMM runs on the local experts' weights (stacked [E/ep, ...]). combine(
+    expert_out [N, H] gate-weighted, state) -> [T, H] this rank's tokens' outputs.
+
+    Load statistics: `state.local_tokens_per_expert` [E] counts this rank's slots per global expert
+    (free); `global_tokens_per_expert(state)` sums that over the EP group (one all-reduce, a
+    collective: every EP rank must call it). For the router-bias update, accumulating
+    state.local_tokens_per_expert over micro-batches and summing once per step over every rank that
+    shares the router (the DP x EP ranks; `update_router_biases(reduce_loads=...)`) is cheaper and
+    gives the same loads.
+
+    Every rank of the EP group must call dispatch and combine (and backward) the same number of
+    times in the same order, also when it has no token (T = 0) or sends none.
+    """
+
+    def __init__(self, num_experts: int, ep_group):
+        self.num_experts = num_experts
+        self.ep_group = ep_group
+        self.ep_size = dist.get_world_size(ep_group)
+        self.ep_rank = dist.get_rank(ep_group)
+        if num_experts % self.ep_size != 0:
+            raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel size "
+                             f"({self.ep_size}).")
+        self.num_local_experts = num_experts // self.ep_size
+        self.local_expert_start = self.ep_rank * self.num_local_experts
+
+    @property
+    def local_experts(self) -> range:
+        """Global ids of the experts this rank holds."""
+        return range(self.local_expert_start, self.local_expert_start + self.num_local_experts)
+
+    def dispatch(self, hidden: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor):
+        num_tokens, top_k = topk_idx.shape
+        ep, nle = self.ep_size, self.num_local_experts
+
+        # 1. Permute this rank's slots by global expert id (stable: token order within an expert).
+        flat_expert = topk_idx.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        local_counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        token_of_slot = order // top_k
+        permuted_tokens = hidden.index_select(0, token_of_slot)
+        permuted_gates = gates.reshape(-1).index_select(0, order)
+
+        # 2. Exchange counts: rank s sends rank d its counts for d's experts; received [source, local expert].
+        recv_counts = torch.empty_like(local_counts)
+        dist.all_to_all_single(recv_counts, local_counts.contiguous(), group=self.ep_group)
+        recv_counts = recv_counts.view(ep, nle)
+        # One host sync for both split lists.
+        splits = torch.cat([local_counts.view(ep, nle).sum(1), recv_counts.sum(1)]).tolist()
+        send_splits, recv_splits = splits[:ep], splits[ep:]
+
+        # 3. Tokens and gates to the expert owners, received in [source rank][local expert] order.
+        recv_tokens, recv_gates = _DispatchAllToAll.apply(permuted_tokens, permuted_gates, recv_splits,
+                                                          send_splits, self.ep_group)
+
+        # 4. Re-sort to [local expert][source rank] (stable: source order, then token order).
+        num_recv = sum(recv_splits)
+        unsort = None
+        if nle > 1 and ep > 1:
+            chunk_expert = torch.arange(nle, device=recv_counts.device).repeat(ep)
+            row_expert = torch.repeat_interleave(chunk_expert, recv_counts.reshape(-1), output_size=num_recv)
+            resort = torch.argsort(row_expert, stable=True)
+            unsort = torch.empty_like(resort).scatter_(0, resort, torch.arange(num_recv, device=resort.device))
+            recv_tokens = recv_tokens.index_select(0, resort)
+            recv_gates = recv_gates.index_select(0, resort)
+
+        anchors = (recv_tokens, recv_gates) if num_recv == 0 else ()
+        state = AllToAllDispatchState(token_of_slot, num_tokens, send_splits, recv_splits, unsort, anchors,
+                                      local_counts, recv_counts)
+        return recv_tokens, recv_gates, recv_counts.sum(0), state
+
+    def combine(self, expert_out: torch.Tensor, state: AllToAllDispatchState) -> torch.Tensor:
+        """expert_out [N, H] (gate-weighted, in dispatch's order) -> this rank's per-token sums [T, H].
+
+        Each token's K contributions are added in global-expert order, as LocalTokenDispatcher does.
+        """
+        if state.unsort is not None:
+            expert_out = expert_out.index_select(0, state.unsort)
+        anchors = tuple(a for a in state.anchors if a.requires_grad)
+        back = _CombineAllToAll.apply(expert_out, state.send_splits, state.recv_splits, self.ep_group, *anchors)
+        out = back.new_zeros(state.num_tokens, back.shape[-1])
+        return out.index_add(0, state.token_of_slot, back)
+
+    def global_tokens_per_expert(self, state: AllToAllDispatchState) -> torch.Tensor:
+        """Slots per global expert [E] summed over the EP group's ranks (a collective; not differentiable)."""
+        counts = state.local_tokens_per_expert.clone()
+        dist.all_reduce(counts, group=self.ep_group)
+        return counts
+
+
+def make_token_dispatcher(num_experts: int, ep_group=None):
+    """LocalTokenDispatcher when ep_group is None or has one rank, else AllToAllTokenDispatcher."""
+    if ep_group is None or dist.get_world_size(ep_group) == 1:
+        return LocalTokenDispatcher(num_experts)
+    return AllToAllTokenDispatcher(num_experts, ep_group)

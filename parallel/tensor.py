@@ -279,6 +279,44 @@ def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: ProcessGr
     return x if tp_size(group) == 1 else _ReduceScatterToSequenceParallelRegion.apply(x, group)
 
 
+class _SplitBatch(torch.autograd.Function):
+    """Forward: keep this rank's block of the batch (dim 0); backward: all-gather it."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_along_dim(x, 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_along_dim(grad, 0, ctx.group), None
+
+
+class _GatherBatch(torch.autograd.Function):
+    """Forward: all-gather the batch (dim 0); backward: keep this rank's block (the consumer is
+    replicated on every rank, so its gradient is already complete)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_along_dim(x, 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_along_dim(grad, 0, ctx.group), None
+
+
+def split_batch_across_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Replicated [B, ...] -> this rank's sequences [B/t, ...] (used to run MoE layers on disjoint
+    tokens per TP rank: routed experts are not tensor-split); backward all-gathers."""
+    return x if tp_size(group) == 1 else _SplitBatch.apply(x, group)
+
+
+def gather_batch_across_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """This rank's sequences [B/t, ...] -> all of them [B, ...] on every rank; backward splits."""
+    return x if tp_size(group) == 1 else _GatherBatch.apply(x, group)
+
+
 def allreduce_sequence_parallel_grads(params: Iterable[nn.Parameter], group: ProcessGroup | None) -> None:
     """Sum over the TP group the gradients of replicated parameters used on sequence chunks.
 

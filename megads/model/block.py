@@ -11,13 +11,14 @@ from megads.model.norm import RMSNorm
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int):
+    def __init__(self, cfg: ModelConfig, layer_index: int, tp_group=None, ep_group=None):
         super().__init__()
         self.layer_index = layer_index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MultiHeadLatentAttention(cfg)
+        self.self_attn = MultiHeadLatentAttention(cfg, tp_group)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_index) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = (MoE(cfg, tp_group, ep_group) if cfg.is_moe_layer(layer_index)
+                    else SwiGLU(cfg.hidden_size, cfg.intermediate_size, tp_group))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)

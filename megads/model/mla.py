@@ -24,13 +24,14 @@ from torch import nn
 from megads.config import ModelConfig
 from megads.model.norm import RMSNorm
 from megads.model.rope import RotaryEmbedding, softmax_scale
-from parallel.tensor import ColumnParallelLinear, RowParallelLinear
+from parallel.tensor import ColumnParallelLinear, RowParallelLinear, copy_to_tp_region, tp_size
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_local_heads: int | None = None):
+    def __init__(self, cfg: ModelConfig, tp_group=None):
         super().__init__()
-        self.num_heads = num_local_heads or cfg.num_attention_heads
+        self.tp_group = tp_group
+        self.num_heads = cfg.num_attention_heads // tp_size(tp_group)  # this rank's heads
         self.q_lora_rank = cfg.q_lora_rank
         self.kv_lora_rank = cfg.kv_lora_rank
         self.qk_nope_head_dim = cfg.qk_nope_head_dim
@@ -40,15 +41,16 @@ class MultiHeadLatentAttention(nn.Module):
         heads = cfg.num_attention_heads
 
         if self.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(cfg.hidden_size, heads * self.qk_head_dim)
+            self.q_proj = ColumnParallelLinear(cfg.hidden_size, heads * self.qk_head_dim, tp_group)
         else:
             self.q_a_proj = nn.Linear(cfg.hidden_size, self.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * self.qk_head_dim)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * self.qk_head_dim, tp_group)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim))
-        self.o_proj = RowParallelLinear(heads * self.v_head_dim, cfg.hidden_size)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim),
+                                              tp_group)
+        self.o_proj = RowParallelLinear(heads * self.v_head_dim, cfg.hidden_size, tp_group)
 
         self.rope = RotaryEmbedding(self.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
         self.softmax_scale = softmax_scale(self.qk_head_dim, cfg.rope_scaling)
@@ -68,6 +70,8 @@ class MultiHeadLatentAttention(nn.Module):
         kv = kv.view(batch, seq, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
+        # The shared rope key feeds only this rank's heads: its gradient is summed over TP ranks.
+        k_rope = copy_to_tp_region(k_rope, self.tp_group)
         q_rope = self.rope.rotate(q_rope, cos, sin)
         k_rope = self.rope.rotate(k_rope.unsqueeze(2), cos, sin)  # one rope key shared by all heads
 

@@ -20,12 +20,13 @@ from torch import nn
 
 from megads.config import ModelConfig
 from megads.model.block import TransformerBlock
-from megads.model.moe import MoE
+from megads.model.moe import MoE, RoutedExperts
 from megads.model.mtp import MTPModule
 from megads.model.norm import RMSNorm
 from megads.model.rope import RotaryEmbedding
 from megads.model.loss import IGNORE_INDEX, linear_cross_entropy, masked_mean_cross_entropy  # noqa: F401 (re-exported)
-from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding
+from parallel.tensor import (ColumnParallelLinear, VocabParallelEmbedding, gather_along_dim, gather_from_tp_region,
+                             shard_for_rank)
 
 
 
@@ -62,15 +63,20 @@ def mtp_inputs_and_targets(input_ids: torch.Tensor, labels: torch.Tensor, depth:
 
 
 class DeepSeekV3(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The model; `tp_group` / `ep_group` (process groups, None for size 1) inject tensor and expert
+    parallelism into the layers that support it."""
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, ep_group=None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.num_hidden_layers)})
+        self.tp_group, self.ep_group = tp_group, ep_group
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group)
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(cfg, i, tp_group, ep_group) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size)
-        self.mtp = nn.ModuleList(
-            [MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers)])
+        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group)
+        self.mtp = nn.ModuleList([MTPModule(cfg, cfg.num_hidden_layers + k, tp_group, ep_group)
+                                  for k in range(cfg.num_nextn_predict_layers)])
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
 
     # ------------------------------------------------------------------ forward
@@ -88,7 +94,17 @@ class DeepSeekV3(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, S, vocab] for input_ids [B, S] (the main model; MTP is training-only)."""
         cos, sin = self._positions(input_ids)
-        return self.lm_head(self.norm(self.hidden_states(input_ids, cos, sin)))
+        return gather_from_tp_region(self.lm_head(self.norm(self.hidden_states(input_ids, cos, sin))), self.tp_group)
+
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the output head on already-normed hidden states.
+
+        One rank: fused head + loss (no logits tensor). Tensor-parallel: this rank's vocabulary
+        shard of the logits and the vocab-parallel cross-entropy, never gathering the logits.
+        """
+        if self.lm_head.tp_size == 1:
+            return linear_cross_entropy(hidden, self.lm_head.weight, labels)
+        return masked_mean_cross_entropy(self.lm_head(hidden), labels, self.tp_group)
 
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         """Language-model loss, MTP losses per depth and the sequence-wise balance loss.
@@ -97,13 +113,13 @@ class DeepSeekV3(nn.Module):
         """
         cos, sin = self._positions(input_ids)
         h = self.hidden_states(input_ids, cos, sin)
-        lm_loss = linear_cross_entropy(self.norm(h), self.lm_head.weight, labels)
+        lm_loss = self.head_loss(self.norm(h), labels)
 
         mtp_losses = []
         for depth, module in enumerate(self.mtp, start=1):
             mtp_ids, mtp_targets = mtp_inputs_and_targets(input_ids, labels, depth)
             h = module(h, self.embed_tokens(mtp_ids), cos, sin)
-            mtp_losses.append(linear_cross_entropy(module.shared_head.norm(h), self.lm_head.weight, mtp_targets))
+            mtp_losses.append(self.head_loss(module.shared_head.norm(h), mtp_targets))
 
         balance = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         balance_loss = torch.stack(balance).sum() if balance else None
@@ -149,19 +165,48 @@ class DeepSeekV3(nn.Module):
     def init_weights(self, seed: int) -> None:
         """Normal(0, initializer_range) matrices, unit norms, zero biases.
 
-        Each parameter draws from its own generator seeded by (seed, its name), so the same seed
-        gives the same full weights whatever the parallel layout or the order modules are built in.
+        Each parameter draws its *full* (unsharded) tensor from its own generator seeded by (seed,
+        its name) and keeps this rank's shard, so one seed gives the same full model whatever the
+        parallel layout or the order modules are built in.
         """
         std = self.cfg.initializer_range
-        for name, param in self.named_parameters():
-            if param.dim() == 1:  # RMSNorm weights
-                param.fill_(1.0)
-                continue
-            generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-            param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
+        for module_name, module in self.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                if param.dim() == 1:  # RMSNorm weights
+                    param.fill_(1.0)
+                    continue
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                full = torch.empty(full_shape(module, param)).normal_(0.0, std, generator=generator)
+                param.copy_(local_shard(module, param, full))
         for moe in self.moe_layers():
             moe.gate.e_score_correction_bias.zero_()
             moe.tokens_per_expert.zero_()
+
+    def full_state(self):
+        """(name, full unsharded tensor) for every entry of state_dict(), gathered across TP/EP ranks.
+
+        A collective under tensor/expert parallelism: every rank must iterate it to the end.
+        """
+        owners = {f"{m}.{n}" if m else n: module for m, module in self.named_modules()
+                  for n, _ in module.named_parameters(recurse=False)}
+        for name, tensor in self.state_dict().items():
+            module = owners.get(name)
+            yield name, gather_full(module, tensor) if module is not None else tensor
+
+    @torch.no_grad()
+    def load_full_state(self, get_tensor) -> None:
+        """Fill every state_dict() entry with this rank's shard of `get_tensor(name)` (a full tensor)."""
+        owners = {f"{m}.{n}" if m else n: module for m, module in self.named_modules()
+                  for n, _ in module.named_parameters(recurse=False)}
+        for name, target in self.state_dict().items():
+            full = get_tensor(name)
+            module = owners.get(name)
+            shard = local_shard(module, target, full) if module is not None else full
+            if shard.shape != target.shape:
+                raise ValueError(f"{name}: full tensor of shape {tuple(full.shape)} does not fit this model "
+                                 f"(local shape {tuple(target.shape)}).")
+            target.copy_(shard)
 
     def num_parameters(self, active_only: bool = False) -> int:
         """All parameters, or those a single token uses (K_r of the N_r routed experts per MoE layer)."""
@@ -174,8 +219,36 @@ class DeepSeekV3(nn.Module):
         return total
 
 
-def build_model(cfg: ModelConfig, seed: int = 0, device: Optional[torch.device] = None) -> DeepSeekV3:
-    """A full model with initialised weights (seeded)."""
-    model = DeepSeekV3(cfg)
+def full_shape(module: nn.Module, param: torch.Tensor) -> tuple:
+    """Shape of the unsharded tensor that `param` (owned by `module`) is this rank's part of."""
+    if isinstance(module, RoutedExperts):
+        return (module.total_experts, *param.shape[1:])
+    if hasattr(module, "full_shape") and param is getattr(module, "weight", None):
+        return tuple(module.full_shape)
+    return tuple(param.shape)
+
+
+def local_shard(module: nn.Module, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `full` for `param`: an expert slice under EP, a TP block for parallel layers."""
+    if isinstance(module, RoutedExperts):
+        return full[module.first_expert: module.first_expert + module.num_experts]
+    if hasattr(module, "full_shape") and param is getattr(module, "weight", None):
+        return shard_for_rank(full, module.partition_dim, module.tp_rank, module.tp_size)
+    return full
+
+
+def gather_full(module: nn.Module, param: torch.Tensor) -> torch.Tensor:
+    """The unsharded tensor of `param` (a collective over its TP or EP group when sharded)."""
+    if isinstance(module, RoutedExperts):
+        return gather_along_dim(param, 0, module.ep_group)
+    if hasattr(module, "full_shape") and param is getattr(module, "weight", None):
+        return module.full_weight()
+    return param.detach()
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, device: Optional[torch.device] = None,
+                tp_group=None, ep_group=None) -> DeepSeekV3:
+    """A model with initialised weights (seeded; the same full weights for any layout)."""
+    model = DeepSeekV3(cfg, tp_group, ep_group)
     model.init_weights(seed)
     return model.to(device) if device is not None else model

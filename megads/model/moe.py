@@ -27,7 +27,10 @@ from torch import nn
 
 from megads.config import ModelConfig
 from megads.model.mlp import SwiGLU
-from parallel.expert import LocalTokenDispatcher
+from parallel.expert import make_token_dispatcher
+from parallel.tensor import gather_batch_across_tp, split_batch_across_tp
+from parallel.tensor import tp_rank as group_rank
+from parallel.tensor import tp_size as group_size
 
 
 class Router(nn.Module):
@@ -95,14 +98,20 @@ def grouped_swiglu(tokens: torch.Tensor, gates: torch.Tensor, tokens_per_expert:
 
 
 class RoutedExperts(nn.Module):
-    """N_r fine-grained SwiGLU experts stored as stacked weights for grouped GEMMs."""
+    """This rank's share of the N_r fine-grained SwiGLU experts, stacked for grouped GEMMs.
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    Under expert parallelism of size ep, rank r holds experts [r N_r/ep, (r+1) N_r/ep).
+    """
+
+    def __init__(self, total_experts: int, hidden_size: int, intermediate_size: int, ep_group=None):
         super().__init__()
-        self.num_experts = num_experts
+        self.ep_group = ep_group
+        self.total_experts = total_experts
+        self.num_experts = total_experts // group_size(ep_group)
+        self.first_expert = group_rank(ep_group) * self.num_experts
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden_size, intermediate_size))
 
     def forward(self, sorted_tokens: torch.Tensor, sorted_gates: torch.Tensor,
                 tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -111,36 +120,52 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Shared experts on every token plus routed experts on their selected tokens.
+
+    Parallel layout (injected): the shared experts are tensor-parallel like a dense FFN. Routed
+    experts are never tensor-split; instead each tensor-parallel rank routes its own share of the
+    batch's sequences, and expert parallelism spreads the experts over ranks (the dispatcher
+    exchanges tokens). Counts of tokens per expert are kept for all experts (this rank's tokens).
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, ep_group=None):
         super().__init__()
         self.num_experts = cfg.n_routed_experts
         self.top_k = cfg.num_experts_per_tok
         self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.tp_group = tp_group
         self.gate = Router(cfg)
-        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        self.dispatcher = make_token_dispatcher(cfg.n_routed_experts, ep_group)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, ep_group)
+        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, tp_group)
                                if cfg.n_shared_experts > 0 else None)
-        self.dispatcher = LocalTokenDispatcher(cfg.n_routed_experts)
         # Tokens routed to each expert since the last router-bias update (summed over micro-batches).
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None  # this forward's sequence-wise balance loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routed = gather_batch_across_tp(self.routed(split_batch_across_tp(x, self.tp_group)), self.tp_group)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(x)
+        return routed
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """sum_{i in TopK} g_i FFN_i(x) for x [B, S, hidden] (this rank's sequences)."""
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         topk_idx, gates, scores = self.gate(flat)
-
-        sorted_tokens, sorted_gates, tokens_per_expert, state = self.dispatcher.dispatch(flat, topk_idx, gates)
-        expert_out = self.experts(sorted_tokens, sorted_gates, tokens_per_expert)
+        sorted_tokens, sorted_gates, local_tokens_per_expert, state = self.dispatcher.dispatch(flat, topk_idx, gates)
+        expert_out = self.experts(sorted_tokens, sorted_gates, local_tokens_per_expert)
         out = self.dispatcher.combine(expert_out, state).to(x.dtype)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
 
         self.balance_loss = None
         if self.training:
-            self.tokens_per_expert += tokens_per_expert.to(self.tokens_per_expert.dtype)
+            self.tokens_per_expert += torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).to(
+                self.tokens_per_expert.dtype)
             if self.aux_loss_alpha > 0:
-                self.balance_loss = self.sequence_balance_loss(scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1))
+                # Each TP rank holds 1/t of the sequences: its share of the batch mean is scaled by 1/t.
+                self.balance_loss = self.sequence_balance_loss(
+                    scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1)) / group_size(self.tp_group)
         return out.view(batch, seq, hidden)
 
     def sequence_balance_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:

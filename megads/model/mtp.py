@@ -31,12 +31,12 @@ class SharedHeadNorm(nn.Module):
 
 
 class MTPModule(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int):
+    def __init__(self, cfg: ModelConfig, layer_index: int, tp_group=None, ep_group=None):
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.block = TransformerBlock(cfg, layer_index)
+        self.block = TransformerBlock(cfg, layer_index, tp_group, ep_group)
         self.shared_head = SharedHeadNorm(cfg)
 
     def forward(self, previous_hidden: torch.Tensor, next_token_embedding: torch.Tensor,
