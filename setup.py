@@ -19,7 +19,6 @@ setup(
         # Transformer Engine needs CUDA to build; NVIDIA Apex is not on PyPI (the PyPI 'apex' is unrelated).
         "gpu": ["transformer-engine[pytorch]>=2.3", "nvidia-ml-py>=12"],
         "test": ["pytest>=8", "transformers>=5.0,<6", "mmaemu==0.1.0"],
-        "parallel": ["megatron-core==0.16.1"],
     },
     entry_points={"console_scripts": ["megads=megads.cli:main"]},
 )

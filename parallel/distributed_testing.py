@@ -31,6 +31,7 @@ run_distributed needs the `if __name__ == "__main__":` guard (pytest modules nee
 from __future__ import annotations
 
 import faulthandler
+import importlib.util
 import multiprocessing
 import os
 import pickle
@@ -123,6 +124,9 @@ def _preload_modules() -> list[str]:
     child that runs such a backward would pay it. pytest is what test modules import first.
     """
     modules = ["torch", "torch.distributed", "torch.fx.experimental.symbolic_shapes"]
+    # megatron-core's parallel_state (process-group layout) takes seconds to import.
+    if importlib.util.find_spec("megatron") is not None:
+        modules.append("megatron.core.parallel_state")
     return modules + [name for name in ("pytest",) if name in sys.modules]
 
 

@@ -136,3 +136,18 @@ def destroy_distributed() -> None:
         except ImportError:
             pass
         dist.destroy_process_group()
+
+
+def barrier(topo: Topology) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if topo.is_distributed:
+        dist.barrier()
+
+
+def sum_over(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Sum of `tensor` over the ranks of `group` (a new tensor; the tensor itself for group None)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return tensor
+    out = tensor.clone(memory_format=torch.contiguous_format)  # gloo needs contiguous tensors
+    dist.all_reduce(out, group=group)
+    return out

@@ -8,6 +8,7 @@
     linear      Fp8Linear and the expert-grouped FP8 linear
     dispatch    FP8 expert dispatch (quantize before the all-to-all, dequantize after)
     stats       counters and the non-finite detection a trainer reads
+    convert     convert_to_fp8(model): FP8 injected into a built model; fp8_stats(model) for metrics
 """
 
 from megads.fp8.accumulate import fma_f32, hopper_chains, promote
@@ -38,6 +39,15 @@ from megads.fp8.quantize import (
     round_up_pow2,
 )
 from megads.fp8.stats import Fp8Stats, collect_stats, found_nonfinite, reset_stats
+from megads.fp8.convert import (
+    Fp8ConversionSummary,
+    Fp8RoutedExperts,
+    convert_to_fp8,
+    fp8_grouped_swiglu,
+    fp8_modules,
+    fp8_stats,
+    nonfinite_layers,
+)
 
 __all__ = [
     "BLOCK", "E4M3", "E4M3_MAX", "EmulatedBackend", "Fp8Backend", "Fp8BackendUnavailable", "Fp8Config",
@@ -46,4 +56,6 @@ __all__ = [
     "fp8_grouped_gemm", "fp8_grouped_linear", "get_backend", "hopper_chains", "hopper_gemm", "pack_for_dispatch",
     "promote", "quantize_blocks", "quantize_for_dispatch", "quantize_tiles", "reset_stats", "round_up_pow2",
     "to_e4m3", "unpack_after_dispatch",
+    "Fp8ConversionSummary", "Fp8RoutedExperts", "convert_to_fp8", "fp8_grouped_swiglu", "fp8_modules", "fp8_stats",
+    "nonfinite_layers",
 ]

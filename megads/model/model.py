@@ -177,32 +177,32 @@ class DeepSeekV3(nn.Module):
                     continue
                 name = f"{module_name}.{param_name}" if module_name else param_name
                 generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-                full = torch.empty(full_shape(module, param)).normal_(0.0, std, generator=generator)
-                param.copy_(local_shard(module, param, full))
+                full = torch.empty(full_shape(module, param_name, param)).normal_(0.0, std, generator=generator)
+                param.copy_(local_shard(module, param_name, full))
         for moe in self.moe_layers():
             moe.gate.e_score_correction_bias.zero_()
             moe.tokens_per_expert.zero_()
+
+    def _parameter_owners(self) -> dict[str, tuple[nn.Module, str]]:
+        return {(f"{m}.{n}" if m else n): (module, n) for m, module in self.named_modules()
+                for n, _ in module.named_parameters(recurse=False)}
 
     def full_state(self):
         """(name, full unsharded tensor) for every entry of state_dict(), gathered across TP/EP ranks.
 
         A collective under tensor/expert parallelism: every rank must iterate it to the end.
         """
-        owners = {f"{m}.{n}" if m else n: module for m, module in self.named_modules()
-                  for n, _ in module.named_parameters(recurse=False)}
+        owners = self._parameter_owners()
         for name, tensor in self.state_dict().items():
-            module = owners.get(name)
-            yield name, gather_full(module, tensor) if module is not None else tensor
+            yield name, gather_full(*owners[name], tensor) if name in owners else tensor
 
     @torch.no_grad()
     def load_full_state(self, get_tensor) -> None:
         """Fill every state_dict() entry with this rank's shard of `get_tensor(name)` (a full tensor)."""
-        owners = {f"{m}.{n}" if m else n: module for m, module in self.named_modules()
-                  for n, _ in module.named_parameters(recurse=False)}
+        owners = self._parameter_owners()
         for name, target in self.state_dict().items():
             full = get_tensor(name)
-            module = owners.get(name)
-            shard = local_shard(module, target, full) if module is not None else full
+            shard = local_shard(*owners[name], full) if name in owners else full
             if shard.shape != target.shape:
                 raise ValueError(f"{name}: full tensor of shape {tuple(full.shape)} does not fit this model "
                                  f"(local shape {tuple(target.shape)}).")
@@ -219,31 +219,35 @@ class DeepSeekV3(nn.Module):
         return total
 
 
-def full_shape(module: nn.Module, param: torch.Tensor) -> tuple:
-    """Shape of the unsharded tensor that `param` (owned by `module`) is this rank's part of."""
+def _is_tp_sharded_weight(module: nn.Module, param_name: str) -> bool:
+    return hasattr(module, "full_shape") and param_name == "weight"
+
+
+def full_shape(module: nn.Module, param_name: str, param: torch.Tensor) -> tuple:
+    """Shape of the unsharded tensor that `module.<param_name>` is this rank's part of."""
     if isinstance(module, RoutedExperts):
         return (module.total_experts, *param.shape[1:])
-    if hasattr(module, "full_shape") and param is getattr(module, "weight", None):
+    if _is_tp_sharded_weight(module, param_name):
         return tuple(module.full_shape)
     return tuple(param.shape)
 
 
-def local_shard(module: nn.Module, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This rank's part of `full` for `param`: an expert slice under EP, a TP block for parallel layers."""
+def local_shard(module: nn.Module, param_name: str, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `full` for `module.<param_name>`: an expert slice under EP, a TP block."""
     if isinstance(module, RoutedExperts):
         return full[module.first_expert: module.first_expert + module.num_experts]
-    if hasattr(module, "full_shape") and param is getattr(module, "weight", None):
+    if _is_tp_sharded_weight(module, param_name):
         return shard_for_rank(full, module.partition_dim, module.tp_rank, module.tp_size)
     return full
 
 
-def gather_full(module: nn.Module, param: torch.Tensor) -> torch.Tensor:
-    """The unsharded tensor of `param` (a collective over its TP or EP group when sharded)."""
+def gather_full(module: nn.Module, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The unsharded tensor of `module.<param_name>` (a collective over its TP or EP group when sharded)."""
     if isinstance(module, RoutedExperts):
-        return gather_along_dim(param, 0, module.ep_group)
-    if hasattr(module, "full_shape") and param is getattr(module, "weight", None):
+        return gather_along_dim(tensor, 0, module.ep_group)
+    if _is_tp_sharded_weight(module, param_name):
         return module.full_weight()
-    return param.detach()
+    return tensor.detach()
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: Optional[torch.device] = None,

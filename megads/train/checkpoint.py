@@ -4,8 +4,8 @@ Layout of one checkpoint directory (also what `megads import-hf` produces, witho
 state):
 
     config.yaml          the full megads config of the run
-    model/               sharded safetensors of the model's state (megads parameter names)
-    optimizer.pt         optimizer state (torch.save; loaded with weights_only=True)
+    model/               safetensors of the full (unsharded) model state, megads parameter names
+    optimizer/rank_R.pt  each rank's optimizer shard (ZeRO-1; torch.save, loaded with weights_only=True)
     trainer_state.pt     step, RNG states, anything else the loop needs to resume bit for bit
     COMPLETE             JSON manifest (step, every file with its size) written last
 
@@ -27,6 +27,7 @@ import torch
 
 from megads.config import Config, dump_config, load_config
 from megads.shards import CheckpointFormatError, ShardedReader, ShardedWriter
+from parallel.topology import Topology, barrier
 
 MANIFEST = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -86,22 +87,38 @@ def finalize_directory(tmp: Path, final: Path, step: Optional[int]) -> None:
     os.replace(tmp, final)
 
 
-def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, trainer_state: dict, keep: int = 0) -> Path:
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model, optimizer, trainer_state: dict,
+                    keep: int = 0, topo: Topology = Topology()) -> Path:
+    """Write `checkpoints_dir/step_N` (a collective: every rank calls it).
+
+    The model is stored unsharded (gathered across tensor/expert-parallel ranks, written by rank 0),
+    so any layout can resume from it; the optimizer state is stored per rank (ZeRO-1 shards).
+    """
     final = checkpoints_dir / f"step_{step}"
-    tmp = checkpoints_dir / f".step_{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    (tmp / "config.yaml").write_text(dump_config(cfg))
-    write_model_weights(tmp, model_state(model))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"step": step, **trainer_state}, tmp / "trainer_state.pt")
-    finalize_directory(tmp, final, step)
-    if keep > 0:
-        for old in list_checkpoints(checkpoints_dir)[:-keep]:
-            shutil.rmtree(old)
+    tmp = checkpoints_dir / f".step_{step}.tmp"
+    if topo.rank == 0:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "optimizer").mkdir(parents=True)
+        (tmp / "config.yaml").write_text(dump_config(cfg))
+    barrier(topo)
+    state = model.full_state()  # every rank iterates it: gathering shards is a collective
+    if topo.rank == 0:
+        write_model_weights(tmp, state)
+    else:
+        for _ in state:
+            pass
+    torch.save(optimizer.state_dict(), tmp / "optimizer" / f"rank_{topo.rank:05d}.pt")
+    if topo.rank == 0:
+        torch.save({"step": step, "world_size": topo.world_size, **trainer_state}, tmp / "trainer_state.pt")
+    barrier(topo)
+    if topo.rank == 0:
+        finalize_directory(tmp, final, step)
+        if keep > 0:
+            for old in list_checkpoints(checkpoints_dir)[:-keep]:
+                shutil.rmtree(old)
+    barrier(topo)
     return final
 
 
@@ -134,8 +151,11 @@ def read_checkpoint_config(ckpt: Path) -> Config:
     return load_config(ckpt / "config.yaml")
 
 
-def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
-    """Copy the checkpoint's tensors into `model` one at a time; names and shapes must match exactly."""
+def load_model_weights(ckpt: Path, model) -> None:
+    """Fill `model` (of any parallel layout) from the checkpoint's full tensors, one at a time.
+
+    Names must match exactly; each rank copies its own shard of every tensor.
+    """
     reader = ShardedReader(ckpt / "model")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(reader.keys()))
@@ -144,19 +164,22 @@ def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
         raise CheckpointFormatError(
             f"Checkpoint {ckpt} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}.")
-    with torch.no_grad():
-        for name, target in expected.items():
-            tensor = reader.get(name)
-            if tensor.shape != target.shape:
-                raise CheckpointFormatError(
-                    f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}.")
-            target.copy_(tensor)
+    try:
+        model.load_full_state(reader.get)
+    except ValueError as err:
+        raise CheckpointFormatError(f"Checkpoint {ckpt}: {err}") from None
 
 
-def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
-    """Restore model (and optimizer) state; returns the trainer state saved with it."""
+def load_checkpoint(ckpt: Path, model, optimizer, topo: Topology = Topology()) -> dict:
+    """Restore model (and this rank's optimizer shard); returns the trainer state saved with it."""
     verify_manifest(ckpt)
     load_model_weights(ckpt, model)
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    return torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != topo.world_size:
+            raise CheckpointFormatError(
+                f"Checkpoint {ckpt} holds optimizer shards of {saved_world} ranks; this run has {topo.world_size}. "
+                f"Resume with the same layout (the model weights alone load into any layout).")
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer" / f"rank_{topo.rank:05d}.pt", weights_only=True))
+    return state

@@ -1,23 +1,50 @@
-"""AdamW over FP32 master weights.
+"""AdamW over FP32 master weights, sharded ZeRO-1 style over data-parallel ranks.
 
-The model's parameters are kept in FP32 and are the master weights; lower-precision compute
-(bf16 autocast) casts on the fly, so gradients accumulate and the optimizer updates in FP32.
+The model's parameters are FP32 and lower-precision compute (bf16 autocast) casts on the fly, so
+gradients accumulate in FP32. `parallel.data.DistributedOptimizer` reduce-scatters the gradients,
+keeps master weights and moments only for this rank's shard, and all-gathers the updated
+parameters; with no process groups it is plain AdamW.
+
+Which parameters sync over which ranks:
+- dense parameters: averaged over the data-parallel group;
+- routed experts: each is replicated over the expert-data-parallel group, and its gradient already
+  sums the tokens sent by every rank of the expert-parallel group, so the replicas' gradients are
+  summed and divided by the data-parallel size (not the expert-data-parallel size);
+- for the global gradient norm each element counts once: tensor-parallel shards on every TP rank,
+  parameters replicated over TP ranks (norms, low-rank down-projections, router) on TP rank 0 only.
 Weight decay applies to matrices only, not to norms (the 1-D parameters).
 """
 
 import torch
 
 from megads.config import TrainConfig
+from megads.model.moe import RoutedExperts
+from parallel.data import DataParallelParams, DistributedOptimizer
+from parallel.topology import Topology
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    for p in decay + no_decay:
+def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters()]
+
+
+def tensor_parallel_sharded(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters that are tensor-parallel shards (distinct on every TP rank)."""
+    return {id(m.weight) for m in model.modules() if getattr(m, "tp_size", 1) > 1 and hasattr(m, "full_shape")}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, topo: Topology = Topology()) -> DistributedOptimizer:
+    for p in model.parameters():
         if p.dtype != torch.float32:
             raise TypeError(f"master weights must be FP32, found a {p.dtype} parameter")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                             foreach=True)
+    experts = expert_parameters(model)
+    expert_ids = {id(p) for p in experts}
+    dense = [p for p in model.parameters() if id(p) not in expert_ids]
+    groups = [DataParallelParams(dense, topo.dp_group)]
+    if experts:
+        groups.append(DataParallelParams(experts, topo.edp_group, grad_divisor=topo.dp_size))
+    sharded = tensor_parallel_sharded(model) | expert_ids
+    return DistributedOptimizer(
+        groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        data_parallel_group=topo.dp_group, model_parallel_group=topo.tp_group,
+        replicated_in_model_parallel=(lambda p: id(p) not in sharded) if topo.tp_size > 1 else None,
+        tensor_parallel_group=topo.tp_group)

@@ -28,6 +28,8 @@ from megads.train.checkpoint import list_checkpoints, load_checkpoint, read_chec
 from megads.train.metrics import MetricsLogger, ProgressPrinter
 from megads.train.optimizer import build_optimizer
 from megads.train.schedule import learning_rate
+from parallel.data import allreduce_gradients
+from parallel.topology import Topology, barrier, destroy_distributed, init_distributed, sum_over
 
 
 @dataclass
@@ -43,11 +45,13 @@ def _autocast(cfg: Config):
     return nullcontext()
 
 
-def _check_single_process(cfg: Config) -> None:
+def _check_supported_layout(cfg: Config) -> None:
     p = cfg.parallel
-    if max(p.tensor_parallel, p.pipeline_parallel, p.expert_parallel) > 1:
-        raise ConfigError("parallel.tensor_parallel, pipeline_parallel and expert_parallel must be 1: "
-                          "this version of megads trains in a single process (multi-rank layouts come next).")
+    if p.pipeline_parallel > 1:
+        raise ConfigError("parallel.pipeline_parallel must be 1: pipeline schedules are not wired into "
+                          "`megads train` yet (tensor, expert and data parallelism are).")
+    if p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel is not supported by `megads train` yet.")
 
 
 def _check_resume_compatible(cfg: Config, ckpt: Path) -> None:
@@ -76,17 +80,32 @@ class _StopRequested(Exception):
 
 
 def train(cfg: Config, log=print) -> TrainResult:
-    _check_single_process(cfg)
+    """Run (or resume) training; under torchrun every rank calls this with the same config."""
+    _check_supported_layout(cfg)
+    topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
+    try:
+        return _train(cfg, topo, log if topo.rank == 0 else (lambda *_: None))
+    finally:
+        if topo.is_distributed:
+            destroy_distributed()
+
+
+def _train(cfg: Config, topo: Topology, log) -> TrainResult:
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    if topo.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
 
     cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path.home() / ".cache" / "megads"
-    tokenizer, corpus = build_or_load_corpus(cfg.data.source, cfg.model.vocab_size, cfg.data.tokenizer,
-                                             cfg.data.max_bytes, cache_dir, log=log)
+    # Rank 0 builds the tokenizer and token cache; the others then find it ready.
+    for turn in ("build", "load"):
+        if (turn == "build") == (topo.rank == 0):
+            tokenizer, corpus = build_or_load_corpus(cfg.data.source, cfg.model.vocab_size, cfg.data.tokenizer,
+                                                     cfg.data.max_bytes, cache_dir, log=log)
+        barrier(topo)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                           f"vocabulary ({tokenizer.vocab_size}).")
@@ -94,18 +113,19 @@ def train(cfg: Config, log=print) -> TrainResult:
     sampler = GlobalBatchSampler(len(train_windows), t.global_batch_size, t.seed)
 
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model, seed=t.seed)
+    model = build_model(cfg.model, seed=t.seed, tp_group=topo.tp_group, ep_group=topo.ep_group)
     model.train()
-    optimizer = build_optimizer(model, t)
-    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({model.num_parameters(active_only=True) / 1e6:.2f}M "
-        f"active per token); data: {len(train_windows):,} training windows of {t.seq_length} tokens")
+    optimizer = build_optimizer(model, t, topo)
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on this rank; layout: {topo.world_size} ranks = "
+        f"TP {topo.tp_size} x DP {topo.dp_size} (EP {topo.ep_size}); data: {len(train_windows):,} training "
+        f"windows of {t.seq_length} tokens")
 
     start_step = 0
     checkpoints_dir = out / "checkpoints"
     existing = list_checkpoints(checkpoints_dir)
     if existing:
         _check_resume_compatible(cfg, existing[-1])
-        state = load_checkpoint(existing[-1], model, optimizer)
+        state = load_checkpoint(existing[-1], model, optimizer, topo)
         start_step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         log(f"resumed from {existing[-1]} (step {start_step})")
@@ -113,9 +133,13 @@ def train(cfg: Config, log=print) -> TrainResult:
         log(f"nothing to do: the latest checkpoint is at step {start_step} >= train.max_steps ({t.max_steps})")
         return TrainResult(out, start_step, None)
 
-    metrics = MetricsLogger(out, start_step, log=log)
+    metrics = MetricsLogger(out, start_step, log=log) if topo.rank == 0 else None
     progress = ProgressPrinter(t.max_steps, t.log_every, log=log)
     step, last_loss = start_step, None
+
+    def save(at_step: int) -> None:
+        save_checkpoint(checkpoints_dir, at_step, cfg, model, optimizer, {"torch_rng": torch.get_rng_state()},
+                        keep=t.keep_checkpoints, topo=topo)
 
     def on_signal(signum, frame):
         raise _StopRequested()
@@ -123,33 +147,40 @@ def train(cfg: Config, log=print) -> TrainResult:
     previous_handler = signal.signal(signal.SIGTERM, on_signal)
     try:
         while step < t.max_steps:
-            record = train_step(model, optimizer, cfg, step,
-                                micro_batches(train_windows, sampler, step, 0, 1, t.micro_batch_size))
+            batches = micro_batches(train_windows, sampler, step, topo.dp_rank, topo.dp_size, t.micro_batch_size)
+            record = train_step(model, optimizer, cfg, step, batches, topo)
             step += 1
             if t.eval_every and step % t.eval_every == 0:
                 record["valid_loss"] = evaluate(model, valid_windows, cfg)
-            metrics.record(record)
+            if metrics is not None:
+                metrics.record(record)
             progress(record)
             last_loss = record["loss"]
             if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
-                save_checkpoint(checkpoints_dir, step, cfg, model, optimizer,
-                                {"torch_rng": torch.get_rng_state()}, keep=t.keep_checkpoints)
+                save(step)
     except (KeyboardInterrupt, _StopRequested):
         log(f"interrupted: saving a checkpoint at step {step} before exiting")
-        if step > start_step:
-            save_checkpoint(checkpoints_dir, step, cfg, model, optimizer,
-                            {"torch_rng": torch.get_rng_state()}, keep=t.keep_checkpoints)
+        if step > start_step and not topo.is_distributed:  # other ranks may not reach a collective save
+            save(step)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     log(f"done: {step} steps, final loss {last_loss:.4f}; checkpoints in {checkpoints_dir}")
     return TrainResult(out, step, last_loss)
 
 
-def train_step(model: DeepSeekV3, optimizer: torch.optim.Optimizer, cfg: Config, step: int,
-               batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """One optimizer step over the given micro-batches; returns its metrics record."""
+def router_parameters(model: DeepSeekV3) -> list[torch.nn.Parameter]:
+    return [moe.gate.weight for moe in model.moe_layers()]
+
+
+def train_step(model: DeepSeekV3, optimizer, cfg: Config, step: int,
+               batches: list[tuple[torch.Tensor, torch.Tensor]], topo: Topology = Topology()) -> dict:
+    """One optimizer step over this rank's micro-batches (a collective under parallelism).
+
+    Returns the step's metrics record, averaged over data-parallel ranks.
+    """
     t = cfg.train
     started = time.perf_counter()
     lr = learning_rate(step, t)
@@ -169,26 +200,44 @@ def train_step(model: DeepSeekV3, optimizer: torch.optim.Optimizer, cfg: Config,
                            *[(f"mtp_loss_depth_{k}", v) for k, v in enumerate(out.mtp_losses, start=1)]]:
             if value is not None:
                 sums[key] = sums.get(key, 0.0) + value.item() / n
+    sums = _average_metrics(sums, topo)
 
-    params = [p for p in model.parameters() if p.grad is not None]
-    # clip_grad_norm_ with max_norm=inf only measures the norm.
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf).item()
-    skipped = not (math.isfinite(grad_norm) and all(math.isfinite(v) for v in sums.values()))
+    # Each tensor-parallel rank routed different sequences: sum the router's partial gradients.
+    if topo.tp_size > 1:
+        allreduce_gradients(router_parameters(model), topo.tp_group, grad_divisor=1)
+    skipped = not all(math.isfinite(v) for v in sums.values())  # identical on all ranks (averaged)
+    grad_norm = math.nan
+    if not skipped:
+        result = optimizer.step(max_grad_norm=t.grad_clip if t.grad_clip > 0 else None)
+        grad_norm, skipped = result.grad_norm, result.skipped
     if skipped:
-        optimizer.zero_grad(set_to_none=True)
         for moe in model.moe_layers():
             moe.tokens_per_expert.zero_()
         imbalance = {}
     else:
-        optimizer.step()
-        imbalance = model.update_router_biases(cfg.model.bias_update_speed)
+        imbalance = model.update_router_biases(cfg.model.bias_update_speed,
+                                               reduce_loads=lambda loads: sum_over(loads, topo.stage_group))
     elapsed = time.perf_counter() - started
 
     record = {"step": step + 1, "loss": sums.get("loss"), "mtp_loss": sums.get("mtp_loss"), "lr": lr,
-              "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "skipped": skipped}
+              "grad_norm": grad_norm, "tokens_per_s": tokens * topo.dp_size / elapsed, "step_time_s": elapsed,
+              "skipped": skipped}
     for key in sorted(sums):
         if key.startswith("mtp_loss_depth_") or key == "balance_loss":
             record[key] = sums[key]
     if imbalance:
         record["expert_load_max_over_mean"] = {name.replace(".mlp", ""): v for name, v in imbalance.items()}
     return record
+
+
+def _average_metrics(sums: dict[str, float], topo: Topology) -> dict[str, float]:
+    """Mean over data-parallel ranks; the balance loss is first summed over TP ranks (each holds 1/t of it)."""
+    if not topo.is_distributed or not sums:
+        return sums
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    if "balance_loss" in sums:
+        balance = keys.index("balance_loss")
+        values[balance] = sum_over(values[balance:balance + 1], topo.tp_group)[0]
+    values = sum_over(values, topo.dp_group) / topo.dp_size
+    return dict(zip(keys, values.tolist()))
