@@ -121,6 +121,23 @@ class DataConfig:
 
 
 @dataclass
+class Fp8Section:
+    """FP8 training with DeepSeek-V3's fine-grained scaling (megads.fp8)."""
+
+    enabled: bool = _f(False, "Run the GEMMs of attention, dense/shared FFNs, MTP projection and routed experts in "
+                              "E4M3 (embedding, output head, router, norms and attention core stay high precision).")
+    backend: Literal["emulated", "te", "torch"] = _f(
+        "emulated", "emulated (pure PyTorch, any device), te (Transformer Engine >= 2.3, Hopper) or torch "
+                    "(blockwise scaled matmul, SM90, cuBLASLt >= 12.9).")
+    accumulation: Literal["fp32", "hopper"] = _f(
+        "fp32", "Emulated backend only: exact FP32 accumulation, or Hopper's limited-precision chain.")
+    promote_every: Optional[int] = _f(128, "Hopper accumulation: promote partial sums to FP32 every N elements of K.")
+    pow2_scales: bool = _f(False, "Round scales up to powers of two.")
+    cache_activations: bool = _f(True, "Save layer inputs for backward in FP8 (with their scales) instead of FP32.")
+    dispatch: bool = _f(False, "Quantize tokens to FP8 before the expert all-to-all (not implemented yet).")
+
+
+@dataclass
 class TrainConfig:
     """The optimisation loop."""
 
@@ -155,13 +172,15 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fp8: Fp8Section = field(default_factory=Fp8Section)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_SECTION_CLASSES = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "train": TrainConfig}
+_SECTION_CLASSES = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "train": TrainConfig,
+                    "fp8": Fp8Section}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -418,10 +437,21 @@ def _data_rules(d: DataConfig):
     yield 0 <= d.valid_fraction < 0.5, f"data.valid_fraction must be in [0, 0.5), got {d.valid_fraction}."
 
 
+def _fp8_rules(f: Fp8Section, p: ParallelConfig):
+    yield f.promote_every is None or f.promote_every >= 1, f"fp8.promote_every must be null or at least 1, got {f.promote_every}."
+    yield not (f.accumulation == "hopper" and f.backend != "emulated"), (
+        "fp8.accumulation hopper is a model of the tensor cores for the emulated backend; real backends accumulate "
+        "as the hardware does (use accumulation fp32).")
+    yield not f.dispatch, "fp8.dispatch (FP8 expert all-to-all) is not implemented yet; set it to false."
+    yield not (f.enabled and p.tensor_parallel > 1), (
+        "fp8.enabled with parallel.tensor_parallel > 1 is not supported yet (FP8 layers are not tensor-parallel).")
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError listing every violated rule (one sentence each)."""
     problems = [msg for ok, msg in (*_model_rules(cfg.model), *_train_rules(cfg.train),
-                                    *_parallel_rules(cfg.parallel, cfg.model, cfg.train), *_data_rules(cfg.data))
+                                    *_parallel_rules(cfg.parallel, cfg.model, cfg.train), *_data_rules(cfg.data),
+                                    *_fp8_rules(cfg.fp8, cfg.parallel))
                 if not ok and msg]
     if cfg.data.tokenizer == "byte" and cfg.model.vocab_size < 260:
         problems.append(f"model.vocab_size ({cfg.model.vocab_size}) must be at least 260 for data.tokenizer byte.")

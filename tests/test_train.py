@@ -129,3 +129,22 @@ def test_cli_train_and_errors(tmp_path, cache_dir, capsys):
     assert "model.topk_group" in capsys.readouterr().err
     assert cli_main(["train", "--help-config"]) == 0
     assert "kv_lora_rank" in capsys.readouterr().out
+
+
+def test_fp8_training_records_fp8_metrics(tmp_path, cache_dir):
+    train(tiny_config(tmp_path, cache_dir, "train.max_steps=2", "fp8.enabled=true"), log=lambda *_: None)
+    records = read_metrics(tmp_path)
+    assert len(records) == 2
+    for r in records:
+        assert r["fp8"]["enabled"] == 1 and r["fp8"]["tiles"] > 0 and r["fp8"]["nonfinite"] == 0
+        assert r["skipped"] is False
+
+
+@pytest.mark.parametrize("override, field", [
+    ("fp8.dispatch=true", "fp8.dispatch"),
+    ("fp8.backend=bogus", "fp8.backend"),
+    ("fp8.promote_every=0", "fp8.promote_every"),
+])
+def test_fp8_config_errors(override, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config(None, [override])

@@ -28,6 +28,8 @@ from megads.train.checkpoint import list_checkpoints, load_checkpoint, read_chec
 from megads.train.metrics import MetricsLogger, ProgressPrinter
 from megads.train.optimizer import build_optimizer
 from megads.train.schedule import learning_rate
+from megads.fp8 import Fp8Config
+from megads.fp8.convert import convert_to_fp8, fp8_stats
 from parallel.data import allreduce_gradients
 from parallel.topology import Topology, barrier, destroy_distributed, init_distributed, sum_over
 
@@ -114,6 +116,8 @@ def _train(cfg: Config, topo: Topology, log) -> TrainResult:
 
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, seed=t.seed, tp_group=topo.tp_group, ep_group=topo.ep_group)
+    if cfg.fp8.enabled:
+        convert_to_fp8(model, fp8_config(cfg), log=log)
     model.train()
     optimizer = build_optimizer(model, t, topo)
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on this rank; layout: {topo.world_size} ranks = "
@@ -171,6 +175,12 @@ def _train(cfg: Config, topo: Topology, log) -> TrainResult:
     return TrainResult(out, step, last_loss)
 
 
+def fp8_config(cfg: Config) -> Fp8Config:
+    f = cfg.fp8
+    return Fp8Config(backend=f.backend, accumulation=f.accumulation, promote_every=f.promote_every,
+                     pow2_scales=f.pow2_scales, cache_activations=f.cache_activations)
+
+
 def router_parameters(model: DeepSeekV3) -> list[torch.nn.Parameter]:
     return [moe.gate.weight for moe in model.moe_layers()]
 
@@ -200,12 +210,18 @@ def train_step(model: DeepSeekV3, optimizer, cfg: Config, step: int,
                            *[(f"mtp_loss_depth_{k}", v) for k, v in enumerate(out.mtp_losses, start=1)]]:
             if value is not None:
                 sums[key] = sums.get(key, 0.0) + value.item() / n
+    fp8 = fp8_stats(model, reset=True) if cfg.fp8.enabled else None
+    if fp8 is not None:
+        # Any inf/NaN met while quantizing makes the step non-finite: it is skipped and reported.
+        sums["fp8_nonfinite"] = float(fp8["nonfinite"])
     sums = _average_metrics(sums, topo)
+    fp8_nonfinite = sums.pop("fp8_nonfinite", 0.0)
 
     # Each tensor-parallel rank routed different sequences: sum the router's partial gradients.
     if topo.tp_size > 1:
         allreduce_gradients(router_parameters(model), topo.tp_group, grad_divisor=1)
-    skipped = not all(math.isfinite(v) for v in sums.values())  # identical on all ranks (averaged)
+    # identical on all ranks (averaged)
+    skipped = not all(math.isfinite(v) for v in sums.values()) or fp8_nonfinite > 0
     grad_norm = math.nan
     if not skipped:
         result = optimizer.step(max_grad_norm=t.grad_clip if t.grad_clip > 0 else None)
@@ -225,6 +241,9 @@ def train_step(model: DeepSeekV3, optimizer, cfg: Config, step: int,
     for key in sorted(sums):
         if key.startswith("mtp_loss_depth_") or key == "balance_loss":
             record[key] = sums[key]
+    if fp8 is not None:
+        record["fp8"] = {"enabled": 1, "clamped_tiles": fp8["clamped_tiles"], "nonfinite": fp8["nonfinite"],
+                         "tiles": fp8["tiles"]}
     if imbalance:
         record["expert_load_max_over_mean"] = {name.replace(".mlp", ""): v for name, v in imbalance.items()}
     return record
