@@ -409,7 +409,7 @@ def _parallel_rules(p: ParallelConfig, m: ModelConfig, t: TrainConfig):
     for name in ("tensor_parallel", "pipeline_parallel", "expert_parallel", "virtual_stages"):
         yield getattr(p, name) >= 1, f"parallel.{name} must be at least 1, got {getattr(p, name)}."
     yield p.schedule in SCHEDULES, f"parallel.schedule must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}."
-    yield p.micro_batches is None or p.micro_batches >= 1, f"parallel.micro_batches must be null or at least 1."
+    yield p.micro_batches is None or p.micro_batches >= 1, "parallel.micro_batches must be null or at least 1."
     tp = max(p.tensor_parallel, 1)
     yield m.num_attention_heads % tp == 0, (
         f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by parallel.tensor_parallel ({tp}).")

@@ -39,13 +39,6 @@ SMALL_BUCKET = 40  # elements: w_in / w_out / experts are larger than a bucket
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ============================================================================ the model (every process)
 

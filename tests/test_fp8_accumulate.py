@@ -22,13 +22,6 @@ from megads.fp8.quantize import TILE_1x128, Fp8Tensor, quantize_blocks, quantize
 import mmaemu  # the independent Hopper reference: a test extra (setup.py), required, never skipped
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.float().contiguous().view(torch.int32), b.float().contiguous().view(torch.int32))

@@ -40,15 +40,6 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "b
 MAX_REL_ERR = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: a second OpenMP thread only adds synchronisation, which costs
-    100x the work itself when the cores are busy with anything else."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_cfg(**overrides) -> ModelConfig:
     fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=48,

@@ -26,14 +26,6 @@ from parallel.expert import LocalTokenDispatcher
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops are much faster single-threaded (and immune to a busy machine); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(**changes):
     """A validated tiny ModelConfig."""
