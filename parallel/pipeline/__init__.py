@@ -9,6 +9,9 @@ an executor follows. `build_schedule` makes the lists for every ``parallel.sched
     sched = build_schedule("dualpipe", num_ranks=8, num_microbatches=32)
     for op in sched.ops[rank]: ...                       # what an executor does
     simulate(sched, Costs(F=1, B=1, W=1)).bubble         # idle time per rank
+
+`PipelineExecutor` (``executor.py``) runs any of them on real modules with torch.distributed;
+it and its helpers are imported lazily, so that the schedules and the simulator stay torch-free.
 """
 
 from .dualpipe import dualpipe, dualpipev
@@ -22,4 +25,16 @@ __all__ = [
     "interleaved_1f1b",
     "zb_h1", "dualpipe", "dualpipev", "Costs", "ScheduleError", "SimResult", "simulate", "check_schedule",
     "check_dependencies", "find_deadlock", "live_activations",
+    "PipelineExecutor", "OpTiming", "make_stage_modules", "sum_duplicate_stage_grads", "pipeline_mean_loss",
 ]
+
+_EXECUTOR_NAMES = ("PipelineExecutor", "OpTiming", "make_stage_modules", "sum_duplicate_stage_grads",
+                   "pipeline_mean_loss")
+
+
+def __getattr__(name):
+    # The executor needs torch; importing it only when asked keeps `parallel.pipeline` torch-free.
+    if name in _EXECUTOR_NAMES:
+        from . import executor
+        return getattr(executor, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
