@@ -237,6 +237,19 @@ class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
         return _all_gather_along_dim(grad, SEQUENCE_DIM, ctx.group), None
 
 
+class _AllReduceSumOfShares(torch.autograd.Function):
+    """Forward all-reduce; backward all-reduce (see `all_reduce_sum_of_shares`)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
 def copy_to_tp_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Enter a TP region with a replicated input: identity forward, all-reduce of the gradient backward."""
     return x if tp_size(group) == 1 else _CopyToTPRegion.apply(x, group)
@@ -245,6 +258,19 @@ def copy_to_tp_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tens
 def reduce_from_tp_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Leave a TP region by summing partial results: all-reduce forward, identity backward."""
     return x if tp_size(group) == 1 else _ReduceFromTPRegion.apply(x, group)
+
+
+def all_reduce_sum_of_shares(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Sum of every rank's `x` on every rank, for a quantity that each rank's loss holds a *share* of.
+
+    Use it when each rank adds only its 1/t share of a term to its own loss (the objective is the
+    sum of the ranks' losses; e.g. the sequence-wise balance loss under SP, built from per-sequence
+    statistics summed over the sequence chunks of the TP group). The gradient of the objective
+    with respect to rank r's addend is then the sum over all ranks of each rank's gradient with
+    respect to the total, so backward all-reduces too. Contrast `reduce_from_tp_region` (identity
+    backward): right when every rank's loss holds the whole term (a replicated loss, counted once).
+    """
+    return x if tp_size(group) == 1 else _AllReduceSumOfShares.apply(x, group)
 
 
 def scatter_to_tp_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
@@ -396,6 +422,13 @@ class ColumnParallelLinear(_ShardedWeightMixin, nn.Linear):
     here). Output: this rank's features [..., out_features / t], or with gather_output=True all
     features [..., out_features] on every rank.
 
+    disable_grad_reduce=True (SP inside a block that gathers the sequence once for several layers):
+    the input is the caller's already-gathered full sequence, used as is, and its gradient is left
+    partial (this rank's output features only): no all-reduce. The caller's
+    gather_from_sequence_parallel_region(grad_is_partial=True) sums the ranks' partial gradients
+    in its reduce-scatter, so every other consumer of that gathered tensor must leave its gradient
+    partial too.
+
     It is an nn.Linear so code that looks for linear layers still finds it; `in_features` and
     `out_features` are the full sizes, `output_size_per_partition` the local one.
     """
@@ -403,7 +436,11 @@ class ColumnParallelLinear(_ShardedWeightMixin, nn.Linear):
     partition_dim = 0
 
     def __init__(self, in_features: int, out_features: int, tp_group: ProcessGroup | None = None,
-                 gather_output: bool = False, sequence_parallel: bool = False, device=None, dtype=None):
+                 gather_output: bool = False, sequence_parallel: bool = False, disable_grad_reduce: bool = False,
+                 device=None, dtype=None):
+        if sequence_parallel and disable_grad_reduce:
+            raise ValueError("ColumnParallelLinear: sequence_parallel (gather the sequence here) and "
+                             "disable_grad_reduce (the caller already gathered it) exclude each other.")
         # nn.Linear.__init__ is bypassed: it would size the weight from the full feature counts.
         nn.Module.__init__(self)
         self.tp_group = tp_group
@@ -413,6 +450,7 @@ class ColumnParallelLinear(_ShardedWeightMixin, nn.Linear):
         self.full_shape = (out_features, in_features)
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
+        self.disable_grad_reduce = disable_grad_reduce
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features, device=device, dtype=dtype))
         self.register_parameter("bias", None)
         self.reset_parameters()
@@ -423,14 +461,15 @@ class ColumnParallelLinear(_ShardedWeightMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             x = gather_from_sequence_parallel_region(x, self.tp_group)
-        else:
+        elif not self.disable_grad_reduce:
             x = copy_to_tp_region(x, self.tp_group)
         y = F.linear(x, self.weight)
         return gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, tp_size={self.tp_size}, "
-                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}, bias=False")
+                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}, "
+                f"disable_grad_reduce={self.disable_grad_reduce}, bias=False")
 
 
 class RowParallelLinear(_ShardedWeightMixin, nn.Linear):

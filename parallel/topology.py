@@ -73,11 +73,13 @@ def validate_layout(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_siz
         if t.global_batch_size % (dp * t.micro_batch_size):
             problems.append(f"train.global_batch_size ({t.global_batch_size}) must be divisible by the data-parallel "
                             f"size ({dp}) x train.micro_batch_size ({t.micro_batch_size}).")
-    if p.tensor_parallel > 1 and m.num_moe_layers + m.num_nextn_predict_layers > 0 \
+    # Without sequence parallelism MoE layers split whole sequences across TP ranks; with it each
+    # TP rank already holds a chunk of every sequence (config requires seq_length % TP == 0).
+    if p.tensor_parallel > 1 and not p.sequence_parallel and m.num_moe_layers + m.num_nextn_predict_layers > 0 \
             and t.micro_batch_size % p.tensor_parallel:
         problems.append(f"train.micro_batch_size ({t.micro_batch_size}) must be divisible by "
                         f"parallel.tensor_parallel ({p.tensor_parallel}): MoE layers split whole sequences "
-                        f"across tensor-parallel ranks.")
+                        f"across tensor-parallel ranks (or set parallel.sequence_parallel).")
     if p.expert_parallel > 1 and m.n_routed_experts % p.expert_parallel:
         problems.append(f"model.n_routed_experts ({m.n_routed_experts}) must be divisible by "
                         f"parallel.expert_parallel ({p.expert_parallel}).")

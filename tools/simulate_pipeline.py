@@ -71,7 +71,7 @@ def main(argv=None) -> None:
         ap.error("--W must be between 0 and --B (W is part of the full backward).")
     costs = Costs(F=F, B=B - W, W=W, FB=FB, comm=args.comm)
 
-    print(f"Pipeline bubbles and memory per device, simulated vs DeepSeek-V3 formulas")
+    print("Pipeline bubbles and memory per device, simulated vs DeepSeek-V3 formulas")
     print(f"costs: F={fmt(F)}  B={fmt(B)} (full backward = input part {fmt(B - W)} + W)  W={fmt(W)}  "
           f"F&B={fmt(FB)}  comm={fmt(args.comm)}  p2p={args.p2p}  micro-batches={args.mb_per_pp}xPP")
     head = (f"{'method':<10} {'PP':>3} {'dev':>4} {'N':>4} | {'bubble sim':>13} {'formula':>8} | "

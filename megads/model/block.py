@@ -1,4 +1,8 @@
-"""One pre-norm transformer block: MLA attention, then a dense SwiGLU FFN or DeepSeekMoE."""
+"""One pre-norm transformer block: MLA attention, then a dense SwiGLU FFN or DeepSeekMoE.
+
+Under sequence parallelism the block's input and output (the residual stream) and its norms work on
+this rank's sequence chunk [B, S/t, hidden]; the attention and FFN gather and reduce-scatter.
+"""
 
 import torch
 from torch import nn
@@ -11,14 +15,15 @@ from megads.model.norm import RMSNorm
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int, tp_group=None, ep_group=None):
+    def __init__(self, cfg: ModelConfig, layer_index: int, tp_group=None, ep_group=None,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.layer_index = layer_index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MultiHeadLatentAttention(cfg, tp_group)
+        self.self_attn = MultiHeadLatentAttention(cfg, tp_group, sequence_parallel)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (MoE(cfg, tp_group, ep_group) if cfg.is_moe_layer(layer_index)
-                    else SwiGLU(cfg.hidden_size, cfg.intermediate_size, tp_group))
+        self.mlp = (MoE(cfg, tp_group, ep_group, sequence_parallel) if cfg.is_moe_layer(layer_index)
+                    else SwiGLU(cfg.hidden_size, cfg.intermediate_size, tp_group, sequence_parallel))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)

@@ -13,6 +13,19 @@ Parameter names are DeepSeek-V3's: W_DKV and W_KR are the one projection `kv_a_p
 W_UK and W_UV are `kv_b_proj`; W_DQ is `q_a_proj`, W_UQ and W_QR are `q_b_proj`. Under tensor
 parallelism the heads are split (q_b_proj / q_proj and kv_b_proj by columns, o_proj by rows) while
 the low-rank down-projections stay replicated.
+
+Sequence parallelism (SP, TP > 1; Megatron-core's MLA layout): the input and output are this rank's
+sequence chunk [B, S/t, hidden]. The per-token low-rank part (q_a_proj + q_a_layernorm,
+kv_a_proj_with_mqa + kv_a_layernorm, the rope key before rotation) runs on the chunk, and only its
+outputs [c_q; c_kv; k_rope] (q_lora_rank + kv_lora_rank + qk_rope_head_dim features, under a third
+of DeepSeek-V3's hidden size) are all-gathered to the full sequence, in one collective. Every
+consumer of the gathered tensor leaves its gradient partial (this rank's heads' share): q_b_proj /
+kv_b_proj do not all-reduce their input gradient and neither does the shared rope key; the gather's
+backward reduce-scatters the sum into complete chunk gradients, as plain TP's all-reduce would. The
+replicated low-rank weights and norms then see only this rank's tokens (partial weight gradients,
+summed over TP by the trainer like the block norms). Without q_lora_rank, q_proj gathers the hidden
+chunk itself (a second gather). o_proj reduce-scatters to chunks. RoPE is unchanged: attention runs
+on the full sequence, positions 0..S-1.
 """
 
 from __future__ import annotations
@@ -24,13 +37,15 @@ from torch import nn
 from megads.config import ModelConfig
 from megads.model.norm import RMSNorm
 from megads.model.rope import RotaryEmbedding, softmax_scale
-from parallel.tensor import ColumnParallelLinear, RowParallelLinear, copy_to_tp_region, tp_size
+from parallel.tensor import (ColumnParallelLinear, RowParallelLinear, copy_to_tp_region,
+                             gather_from_sequence_parallel_region, tp_size)
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group=None):
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
         self.tp_group = tp_group
+        self.sequence_parallel = sp = sequence_parallel and tp_size(tp_group) > 1
         self.num_heads = cfg.num_attention_heads // tp_size(tp_group)  # this rank's heads
         self.q_lora_rank = cfg.q_lora_rank
         self.kv_lora_rank = cfg.kv_lora_rank
@@ -41,37 +56,45 @@ class MultiHeadLatentAttention(nn.Module):
         heads = cfg.num_attention_heads
 
         if self.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(cfg.hidden_size, heads * self.qk_head_dim, tp_group)
+            self.q_proj = ColumnParallelLinear(cfg.hidden_size, heads * self.qk_head_dim, tp_group,
+                                               sequence_parallel=sp)
         else:
             self.q_a_proj = nn.Linear(cfg.hidden_size, self.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * self.qk_head_dim, tp_group)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * self.qk_head_dim, tp_group,
+                                                 disable_grad_reduce=sp)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim),
-                                              tp_group)
-        self.o_proj = RowParallelLinear(heads * self.v_head_dim, cfg.hidden_size, tp_group)
+                                              tp_group, disable_grad_reduce=sp)
+        self.o_proj = RowParallelLinear(heads * self.v_head_dim, cfg.hidden_size, tp_group, sequence_parallel=sp)
 
         self.rope = RotaryEmbedding(self.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
         self.softmax_scale = softmax_scale(self.qk_head_dim, cfg.rope_scaling)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over x [B, S, hidden]; cos/sin from RotaryEmbedding for positions 0..S-1."""
-        batch, seq, _ = x.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
+        """Causal self-attention over x [B, S, hidden]; cos/sin from RotaryEmbedding for positions 0..S-1.
+
+        Under SP, x and the output are this rank's chunk [B, S/t, hidden] (cos/sin still cover 0..S-1).
+        """
+        if self.sequence_parallel:
+            q_latent, kv_latent, k_rope = self._gathered_latents(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_latent = None if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+            compressed_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim],
+                                                                     dim=-1)
+            kv_latent = self.kv_a_layernorm(compressed_kv)
+            # The shared rope key feeds only this rank's heads: its gradient is summed over TP ranks.
+            k_rope = copy_to_tp_region(k_rope, self.tp_group)
+        batch, seq, _ = kv_latent.shape  # the full sequence
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(q_latent)
         q = q.view(batch, seq, self.num_heads, self.qk_head_dim)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
-        compressed_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(compressed_kv))
+        kv = self.kv_b_proj(kv_latent)
         kv = kv.view(batch, seq, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
-        # The shared rope key feeds only this rank's heads: its gradient is summed over TP ranks.
-        k_rope = copy_to_tp_region(k_rope, self.tp_group)
         q_rope = self.rope.rotate(q_rope, cos, sin)
         k_rope = self.rope.rotate(k_rope.unsqueeze(2), cos, sin)  # one rope key shared by all heads
 
@@ -79,6 +102,22 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.num_heads, -1)), dim=-1)
         out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim))
+
+    def _gathered_latents(self, x: torch.Tensor):
+        """SP: (c_q or None, c_kv, k_rope) of the full sequence from this rank's hidden chunk.
+
+        Computed on the chunk and all-gathered in one collective whose backward reduce-scatters the
+        partial gradients of this rank's heads (see the module doc).
+        """
+        compressed_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        parts = [self.kv_a_layernorm(compressed_kv), k_rope]
+        if self.q_lora_rank is not None:
+            parts.insert(0, self.q_a_layernorm(self.q_a_proj(x)))
+        dtypes = [part.dtype for part in parts]  # the norms return FP32 under bf16 autocast, k_rope bf16
+        gathered = gather_from_sequence_parallel_region(torch.cat(parts, dim=-1), self.tp_group, grad_is_partial=True)
+        parts = [part.to(dtype) for part, dtype in
+                 zip(gathered.split([part.shape[-1] for part in parts], dim=-1), dtypes)]
+        return (None, *parts) if self.q_lora_rank is None else tuple(parts)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

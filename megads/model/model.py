@@ -7,6 +7,15 @@ GEMMs and MTP modules live under `mtp.{k}` (`megads.hf` maps both to and from th
 
 Layers are kept in a ModuleDict keyed by their global index so that a pipeline stage holding
 layers 7..13 names them exactly as the full model does.
+
+Sequence parallelism (`sequence_parallel=True` with TP > 1, Megatron-style): the residual stream
+between blocks is this rank's contiguous sequence chunk [B, S/t, hidden]. The embedding
+reduce-scatters into chunks, norms and residual adds run on chunks, attention and the FFNs gather
+the sequence and reduce-scatter their output, MoE routes each rank's chunk (no batch split), and
+the output head gathers the normed chunks for the vocabulary-parallel loss on the full sequence
+(labels stay full). Parameters replicated over the TP group then get partial gradients:
+`sequence_parallel_parameters()` lists those the trainer must sum over TP (the router's are summed
+anyway, SP or not).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from megads.model.norm import RMSNorm
 from megads.model.rope import RotaryEmbedding
 from megads.model.loss import IGNORE_INDEX, linear_cross_entropy, masked_mean_cross_entropy  # noqa: F401 (re-exported)
 from parallel.tensor import (ColumnParallelLinear, VocabParallelEmbedding, gather_along_dim, gather_from_tp_region,
-                             shard_for_rank)
+                             shard_for_rank, tp_size)
 
 
 
@@ -64,18 +73,20 @@ def mtp_inputs_and_targets(input_ids: torch.Tensor, labels: torch.Tensor, depth:
 
 class DeepSeekV3(nn.Module):
     """The model; `tp_group` / `ep_group` (process groups, None for size 1) inject tensor and expert
-    parallelism into the layers that support it."""
+    parallelism into the layers that support it, `sequence_parallel` sequence parallelism (a no-op
+    unless the TP group has more than one rank)."""
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, ep_group=None):
+    def __init__(self, cfg: ModelConfig, tp_group=None, ep_group=None, sequence_parallel: bool = False):
         super().__init__()
         self.cfg = cfg
         self.tp_group, self.ep_group = tp_group, ep_group
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group)
+        self.sequence_parallel = sp = sequence_parallel and tp_size(tp_group) > 1
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, sequence_parallel=sp)
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, i, tp_group, ep_group) for i in range(cfg.num_hidden_layers)})
+            {str(i): TransformerBlock(cfg, i, tp_group, ep_group, sp) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group)
-        self.mtp = nn.ModuleList([MTPModule(cfg, cfg.num_hidden_layers + k, tp_group, ep_group)
+        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group, sequence_parallel=sp)
+        self.mtp = nn.ModuleList([MTPModule(cfg, cfg.num_hidden_layers + k, tp_group, ep_group, sp)
                                   for k in range(cfg.num_nextn_predict_layers)])
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
 
@@ -85,7 +96,8 @@ class DeepSeekV3(nn.Module):
         return self.rotary(torch.arange(input_ids.shape[1], device=input_ids.device))
 
     def hidden_states(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Output of the last transformer block (before the final norm), [B, S, hidden]."""
+        """Output of the last transformer block (before the final norm), [B, S, hidden] (under
+        sequence parallelism this rank's chunk [B, S/t, hidden])."""
         h = self.embed_tokens(input_ids)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
@@ -101,6 +113,8 @@ class DeepSeekV3(nn.Module):
 
         One rank: fused head + loss (no logits tensor). Tensor-parallel: this rank's vocabulary
         shard of the logits and the vocab-parallel cross-entropy, never gathering the logits.
+        Under sequence parallelism `hidden` is this rank's chunk (the head gathers the sequence)
+        and `labels` the full [B, S].
         """
         if self.lm_head.tp_size == 1:
             return linear_cross_entropy(hidden, self.lm_head.weight, labels)
@@ -130,6 +144,32 @@ class DeepSeekV3(nn.Module):
         if balance_loss is not None:
             loss = loss + balance_loss
         return LossOutput(loss, lm_loss, mtp_losses, balance_loss)
+
+    # ------------------------------------------------------------------ sequence parallelism
+
+    def sequence_parallel_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradient is a partial sum over the TP group under sequence parallelism.
+
+        Every parameter replicated over the TP group (not a TP shard, not a routed expert): the
+        norms (blocks, final, MTP enorm / hnorm / shared_head.norm, MLA's q_a / kv_a layernorms),
+        MLA's q_a_proj and kv_a_proj_with_mqa, and MTP's eh_proj. They work either on this rank's
+        sequence chunk or (MLA's low-rank path) on the gathered sequence with only this rank's heads
+        behind them. The router weights are left out: the trainer sums them over TP in any case
+        (MoE routes disjoint tokens per TP rank with or without SP). Sum these gradients with
+        parallel.tensor.allreduce_sequence_parallel_grads after backward, before the optimizer.
+        Empty without sequence parallelism (their gradients are then complete on every rank).
+        """
+        if not self.sequence_parallel:
+            return []
+        routers = {id(moe.gate.weight) for moe in self.moe_layers()}
+        params = []
+        for module in self.modules():
+            if isinstance(module, RoutedExperts):
+                continue
+            for name, param in module.named_parameters(recurse=False):
+                if not _is_tp_sharded_weight(module, name) and id(param) not in routers:
+                    params.append(param)
+        return params
 
     # ------------------------------------------------------------------ MoE bookkeeping
 
@@ -251,8 +291,8 @@ def gather_full(module: nn.Module, param_name: str, tensor: torch.Tensor) -> tor
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: Optional[torch.device] = None,
-                tp_group=None, ep_group=None) -> DeepSeekV3:
+                tp_group=None, ep_group=None, sequence_parallel: bool = False) -> DeepSeekV3:
     """A model with initialised weights (seeded; the same full weights for any layout)."""
-    model = DeepSeekV3(cfg, tp_group, ep_group)
+    model = DeepSeekV3(cfg, tp_group, ep_group, sequence_parallel)
     model.init_weights(seed)
     return model.to(device) if device is not None else model

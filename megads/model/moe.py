@@ -28,7 +28,7 @@ from torch import nn
 from megads.config import ModelConfig
 from megads.model.mlp import SwiGLU
 from parallel.expert import make_token_dispatcher
-from parallel.tensor import gather_batch_across_tp, split_batch_across_tp
+from parallel.tensor import all_reduce_sum_of_shares, gather_batch_across_tp, split_batch_across_tp
 from parallel.tensor import tp_rank as group_rank
 from parallel.tensor import tp_size as group_size
 
@@ -126,31 +126,42 @@ class MoE(nn.Module):
     experts are never tensor-split; instead each tensor-parallel rank routes its own share of the
     batch's sequences, and expert parallelism spreads the experts over ranks (the dispatcher
     exchanges tokens). Counts of tokens per expert are kept for all experts (this rank's tokens).
+
+    Under sequence parallelism (TP > 1) the input is already disjoint per TP rank (this rank's
+    chunk of every sequence, [B, S/t, hidden]), so the routed experts take it as is (no batch
+    split) and the shared experts gather / reduce-scatter the sequence. The sequence-wise balance
+    loss then needs whole-sequence statistics: see `sequence_balance_loss`.
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, ep_group=None):
+    def __init__(self, cfg: ModelConfig, tp_group=None, ep_group=None, sequence_parallel: bool = False):
         super().__init__()
         self.num_experts = cfg.n_routed_experts
         self.top_k = cfg.num_experts_per_tok
         self.aux_loss_alpha = cfg.aux_loss_alpha
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
         self.gate = Router(cfg)
         self.dispatcher = make_token_dispatcher(cfg.n_routed_experts, ep_group)
         self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, ep_group)
-        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, tp_group)
+        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, tp_group,
+                                      self.sequence_parallel)
                                if cfg.n_shared_experts > 0 else None)
         # Tokens routed to each expert since the last router-bias update (summed over micro-batches).
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None  # this forward's sequence-wise balance loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routed = gather_batch_across_tp(self.routed(split_batch_across_tp(x, self.tp_group)), self.tp_group)
+        if self.sequence_parallel:
+            routed = self.routed(x)  # tokens are already split across TP ranks, by sequence chunk
+        else:
+            routed = gather_batch_across_tp(self.routed(split_batch_across_tp(x, self.tp_group)), self.tp_group)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(x)
         return routed
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:
-        """sum_{i in TopK} g_i FFN_i(x) for x [B, S, hidden] (this rank's sequences)."""
+        """sum_{i in TopK} g_i FFN_i(x) for x [B, S, hidden] (this rank's sequences, or under SP this
+        rank's chunk of every sequence)."""
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         topk_idx, gates, scores = self.gate(flat)
@@ -163,18 +174,36 @@ class MoE(nn.Module):
             self.tokens_per_expert += torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).to(
                 self.tokens_per_expert.dtype)
             if self.aux_loss_alpha > 0:
-                # Each TP rank holds 1/t of the sequences: its share of the batch mean is scaled by 1/t.
+                # Each TP rank holds 1/t of the loss: without SP its 1/t of the sequences (its share of
+                # the batch mean is scaled by 1/t); under SP every rank computes the whole loss from
+                # whole-sequence statistics and keeps 1/t of it, so that the sum over TP ranks (the
+                # trainer's report, and the gradient through all_reduce_sum_of_shares) counts it once.
                 self.balance_loss = self.sequence_balance_loss(
-                    scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1)) / group_size(self.tp_group)
+                    scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1),
+                    self.tp_group if self.sequence_parallel else None) / group_size(self.tp_group)
         return out.view(batch, seq, hidden)
 
-    def sequence_balance_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-        """alpha * sum_i f_i P_i per sequence, averaged over the batch's sequences (report eq. 17-20)."""
+    def sequence_balance_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor,
+                              sequence_group=None) -> torch.Tensor:
+        """alpha * sum_i f_i P_i per sequence, averaged over the batch's sequences (report eq. 17-20).
+
+        `sequence_group` (SP): the ranks holding the other chunks of each sequence. The per-sequence
+        expert counts and sums of normalised affinities are summed over it before f and P are formed,
+        so every rank gets the whole-sequence loss. The sums go through all_reduce_sum_of_shares
+        (backward all-reduces too): each rank keeps 1/t of the loss, so the gradient reaching rank
+        r's affinities is the sum of the ranks' 1/t shares, i.e. that of the loss counted once.
+        """
         batch, seq, num_experts = scores.shape
         counts = torch.zeros(batch, num_experts, device=scores.device)
         counts.scatter_add_(1, topk_idx.reshape(batch, -1), torch.ones(batch, seq * self.top_k, device=scores.device))
+        normalised = scores / scores.sum(dim=-1, keepdim=True)
+        if group_size(sequence_group) == 1:
+            p = normalised.mean(dim=1)
+        else:
+            seq = seq * group_size(sequence_group)  # whole-sequence length
+            counts = all_reduce_sum_of_shares(counts, sequence_group)  # no gradient (counts are constants)
+            p = all_reduce_sum_of_shares(normalised.sum(dim=1), sequence_group) / seq
         f = counts * num_experts / (self.top_k * seq)
-        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
         return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
 
     @torch.no_grad()

@@ -12,6 +12,9 @@ The embedding and the output head are the main model's (shared, not copied): the
 them at call time. Parameter names follow DeepSeek-V3's checkpoint (layer `num_hidden_layers + k - 1`):
 `enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, and the block's own weights. The concatenation
 puts the embedding first, as DeepSeek's released weights (and vLLM/SGLang loading them) expect.
+
+Under sequence parallelism both inputs, the norms, `eh_proj` (replicated, so its gradient is partial
+and summed over TP by the trainer) and the output are on this rank's sequence chunk [B, S/t, hidden].
 """
 
 import torch
@@ -31,12 +34,13 @@ class SharedHeadNorm(nn.Module):
 
 
 class MTPModule(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int, tp_group=None, ep_group=None):
+    def __init__(self, cfg: ModelConfig, layer_index: int, tp_group=None, ep_group=None,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.block = TransformerBlock(cfg, layer_index, tp_group, ep_group)
+        self.block = TransformerBlock(cfg, layer_index, tp_group, ep_group, sequence_parallel)
         self.shared_head = SharedHeadNorm(cfg)
 
     def forward(self, previous_hidden: torch.Tensor, next_token_embedding: torch.Tensor,

@@ -31,6 +31,7 @@ from megads.train.schedule import learning_rate
 from megads.fp8 import Fp8Config
 from megads.fp8.convert import convert_to_fp8, fp8_stats
 from parallel.data import allreduce_gradients
+from parallel.tensor import allreduce_sequence_parallel_grads
 from parallel.topology import Topology, barrier, destroy_distributed, init_distributed, sum_over
 
 
@@ -41,19 +42,21 @@ class TrainResult:
     last_loss: Optional[float]
 
 
-def _autocast(cfg: Config):
+def _autocast(cfg: Config, device: torch.device):
     if cfg.train.precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _check_supported_layout(cfg: Config) -> None:
     p = cfg.parallel
     if p.pipeline_parallel > 1:
         raise ConfigError("parallel.pipeline_parallel must be 1: pipeline schedules are not wired into "
-                          "`megads train` yet (tensor, expert and data parallelism are).")
-    if p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel is not supported by `megads train` yet.")
+                          "`megads train` yet (tensor, sequence, expert and data parallelism are).")
 
 
 def _check_resume_compatible(cfg: Config, ckpt: Path) -> None:
@@ -68,10 +71,11 @@ def evaluate(model: DeepSeekV3, windows: PackedWindows, cfg: Config) -> float:
     """Mean LM loss over the first `eval_batches` micro-batches of the held-out windows."""
     model.eval()
     losses = []
-    with torch.no_grad(), _autocast(cfg):
+    device = _device_of(model)
+    with torch.no_grad(), _autocast(cfg, device):
         mbs = cfg.train.micro_batch_size
         for start in range(0, min(len(windows), cfg.train.eval_batches * mbs), mbs):
-            batch = torch.stack([windows[i] for i in range(start, min(start + mbs, len(windows)))])
+            batch = torch.stack([windows[i] for i in range(start, min(start + mbs, len(windows)))]).to(device)
             losses.append(model.compute_loss(batch[:, :-1], batch[:, 1:]).lm_loss.item())
     model.train()
     return sum(losses) / max(len(losses), 1)
@@ -115,13 +119,15 @@ def _train(cfg: Config, topo: Topology, log) -> TrainResult:
     sampler = GlobalBatchSampler(len(train_windows), t.global_batch_size, t.seed)
 
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model, seed=t.seed, tp_group=topo.tp_group, ep_group=topo.ep_group)
+    model = build_model(cfg.model, seed=t.seed, device=topo.device, tp_group=topo.tp_group,
+                        ep_group=topo.ep_group, sequence_parallel=topo.sequence_parallel)
     if cfg.fp8.enabled:
         convert_to_fp8(model, fp8_config(cfg), log=log)
     model.train()
     optimizer = build_optimizer(model, t, topo)
+    sp = " (SP)" if topo.sequence_parallel else ""
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on this rank; layout: {topo.world_size} ranks = "
-        f"TP {topo.tp_size} x DP {topo.dp_size} (EP {topo.ep_size}); data: {len(train_windows):,} training "
+        f"TP {topo.tp_size}{sp} x DP {topo.dp_size} (EP {topo.ep_size}); data: {len(train_windows):,} training "
         f"windows of {t.seq_length} tokens")
 
     start_step = 0
@@ -201,8 +207,10 @@ def train_step(model: DeepSeekV3, optimizer, cfg: Config, step: int,
     n = len(batches)
     sums: dict[str, float] = {}
     tokens = 0
+    device = _device_of(model)
     for input_ids, labels in batches:
-        with _autocast(cfg):
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        with _autocast(cfg, device):
             out = model.compute_loss(input_ids, labels)
         (out.loss / n).backward()
         tokens += input_ids.numel()
@@ -220,6 +228,9 @@ def train_step(model: DeepSeekV3, optimizer, cfg: Config, step: int,
     # Each tensor-parallel rank routed different sequences: sum the router's partial gradients.
     if topo.tp_size > 1:
         allreduce_gradients(router_parameters(model), topo.tp_group, grad_divisor=1)
+    # Under sequence parallelism, TP-replicated parameters (norms, MLA's low-rank projections, MTP's
+    # eh_proj) saw only this rank's sequence chunk (or heads): sum their partial gradients too.
+    allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), topo.tp_group)
     # identical on all ranks (averaged)
     skipped = not all(math.isfinite(v) for v in sums.values()) or fp8_nonfinite > 0
     grad_norm = math.nan
@@ -254,9 +265,9 @@ def _average_metrics(sums: dict[str, float], topo: Topology) -> dict[str, float]
     if not topo.is_distributed or not sums:
         return sums
     keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=topo.device)
     if "balance_loss" in sums:
         balance = keys.index("balance_loss")
         values[balance] = sum_over(values[balance:balance + 1], topo.tp_group)[0]
     values = sum_over(values, topo.dp_group) / topo.dp_size
-    return dict(zip(keys, values.tolist()))
+    return dict(zip(keys, values.cpu().tolist()))
