@@ -423,6 +423,21 @@ def _parallel_rules(p: ParallelConfig, m: ModelConfig, t: TrainConfig):
     yield m.num_hidden_layers >= p.pipeline_parallel * p.virtual_stages, (
         f"model.num_hidden_layers ({m.num_hidden_layers}) must be at least parallel.pipeline_parallel x "
         f"virtual_stages ({p.pipeline_parallel * p.virtual_stages}).")
+    pp, n = p.pipeline_parallel, p.micro_batches
+    if p.schedule == "interleaved-1f1b" and pp > 1:
+        yield p.virtual_stages >= 2, (
+            f"parallel.virtual_stages must be at least 2 for interleaved-1f1b, got {p.virtual_stages}.")
+        if n is not None:
+            yield n % pp == 0, (f"parallel.micro_batches ({n}) must be a multiple of parallel.pipeline_parallel "
+                                f"({pp}) for interleaved-1f1b (otherwise its warm-up deadlocks).")
+    if p.schedule in ("dualpipe", "dualpipev") and pp > 1 and n is not None:
+        yield n >= 2 * pp and (n % 2 == 0 or p.schedule == "dualpipev"), (
+            f"parallel.micro_batches ({n}) must be at least 2 x parallel.pipeline_parallel ({2 * pp})"
+            f"{' and even' if p.schedule == 'dualpipe' else ''} for {p.schedule}.")
+    if p.schedule == "dualpipev" and pp > 1:
+        yield m.num_hidden_layers >= 2 * pp, (
+            f"model.num_hidden_layers ({m.num_hidden_layers}) must be at least 2 x parallel.pipeline_parallel "
+            f"({2 * pp}): dualpipev places two stages on every rank.")
     if p.schedule == "dualpipe":
         yield p.pipeline_parallel % 2 == 0, (
             f"parallel.schedule dualpipe needs an even parallel.pipeline_parallel, got {p.pipeline_parallel}.")

@@ -476,7 +476,7 @@ def test_every_validated_field_has_a_case():
                           "truncate": False, "attention_factor": 1.0}}},
     {M: {"q_lora_rank": 32, "qk_nope_head_dim": 0}},
     {P: {"schedule": "dualpipe", "pipeline_parallel": 2}},
-    {P: {"schedule": "dualpipev", "pipeline_parallel": 3}},
+    {P: {"schedule": "dualpipev", "pipeline_parallel": 2}},  # 2 devices x 2 stages <= 4 layers
     {P: {"pipeline_parallel": 2, "virtual_stages": 2}},
     {P: {"tensor_parallel": 2, "sequence_parallel": True, "expert_parallel": 4}},
     {T: {"global_batch_size": 32, "micro_batch_size": 4, "min_lr": 0.003, "adam_beta1": 0}},
@@ -544,3 +544,32 @@ def test_yarn_factor_value_reaches_model_config():
     cfg = config_from_dict({M: {"rope_scaling": YARN}})
     assert math.isclose(cfg.model.rope_scaling["factor"], 40)
     assert yaml.safe_load(dump_config(cfg))["model"]["rope_scaling"] == YARN
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["parallel.pipeline_parallel=2", "parallel.schedule=interleaved-1f1b", "parallel.virtual_stages=1"],
+     "parallel.virtual_stages"),
+    (["parallel.pipeline_parallel=2", "parallel.schedule=interleaved-1f1b", "parallel.virtual_stages=2",
+      "parallel.micro_batches=3"], "parallel.micro_batches"),
+    (["parallel.pipeline_parallel=2", "parallel.schedule=dualpipe", "parallel.micro_batches=2"],
+     "parallel.micro_batches"),
+    (["parallel.pipeline_parallel=2", "parallel.schedule=dualpipe", "parallel.micro_batches=5"],
+     "parallel.micro_batches"),
+    (["parallel.pipeline_parallel=2", "parallel.schedule=dualpipev", "parallel.micro_batches=3"],
+     "parallel.micro_batches"),
+    (["parallel.pipeline_parallel=3", "parallel.schedule=dualpipev", "model.num_hidden_layers=4"],
+     "model.num_hidden_layers"),
+])
+def test_pipeline_schedule_rules(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["parallel.pipeline_parallel=2", "parallel.schedule=dualpipe", "parallel.micro_batches=4"],
+    ["parallel.pipeline_parallel=2", "parallel.schedule=dualpipev", "parallel.micro_batches=5"],
+    ["parallel.pipeline_parallel=2", "parallel.schedule=interleaved-1f1b", "parallel.virtual_stages=2",
+     "parallel.micro_batches=4"],
+])
+def test_pipeline_schedule_rules_accept_valid(overrides):
+    load_config(None, overrides)
