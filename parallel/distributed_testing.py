@@ -209,6 +209,9 @@ def _child_main(fn, args, kwargs, rank, world_size, port, backend, timeout_s, nu
     faulthandler.dump_traceback_later(timeout_s, exit=True, file=stacks)
     torch.set_num_threads(num_threads)
     try:
+        if backend == "nccl":
+            from parallel.topology import device_for
+            device_for(rank)  # NCCL needs each rank on its own device, made current before init
         store = dist.TCPStore(_HOST, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))

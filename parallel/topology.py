@@ -87,7 +87,8 @@ def validate_layout(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_siz
         raise ConfigError(problems[0] if len(problems) == 1 else "Invalid layout:\n  " + "\n  ".join(problems))
 
 
-def _device_for(local_rank: int) -> torch.device:
+def device_for(local_rank: int) -> torch.device:
+    """This rank's device: cuda:<local_rank> (made current) when CUDA is available, else the CPU."""
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -102,7 +103,7 @@ def init_distributed(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Topol
         return Topology(sequence_parallel=False)
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device_for(local_rank)
+    device = device_for(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
