@@ -71,23 +71,76 @@ def mtp_inputs_and_targets(input_ids: torch.Tensor, labels: torch.Tensor, depth:
     return inputs, targets
 
 
-class DeepSeekV3(nn.Module):
-    """The model; `tp_group` / `ep_group` (process groups, None for size 1) inject tensor and expert
-    parallelism into the layers that support it, `sequence_parallel` sequence parallelism (a no-op
-    unless the TP group has more than one rank)."""
+@dataclass(frozen=True)
+class StageSpec:
+    """The slice of the model one pipeline stage holds.
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, ep_group=None, sequence_parallel: bool = False):
+    `layers`: global indices of its transformer blocks. The first stage also holds the embedding;
+    the last the final norm, the output head and the MTP modules, plus (when there are MTP modules)
+    its own copy of the embedding, which MTP needs for the next tokens: a pipeline run must sum that
+    copy's gradient with the first stage's, as for tied weights. DualPipe places the first and the
+    last stage on the same rank, where the two are one module.
+    """
+
+    layers: range
+    first: bool = True
+    last: bool = True
+
+
+def split_layers(num_layers: int, num_stages: int, layers_per_stage: Optional[list[int]] = None) -> list[range]:
+    """Contiguous layer ranges per stage: an explicit list of counts, or a balanced split (the first
+    `num_layers % num_stages` stages take one layer more)."""
+    if layers_per_stage is None:
+        if num_stages > num_layers:
+            raise ValueError(f"{num_layers} layers cannot fill {num_stages} pipeline stages.")
+        base, extra = divmod(num_layers, num_stages)
+        layers_per_stage = [base + (1 if s < extra else 0) for s in range(num_stages)]
+    if len(layers_per_stage) != num_stages or sum(layers_per_stage) != num_layers or min(layers_per_stage) < 1:
+        raise ValueError(f"layers_per_stage {layers_per_stage} must give each of the {num_stages} stages at least "
+                         f"one layer and sum to {num_layers}.")
+    starts = [sum(layers_per_stage[:s]) for s in range(num_stages)]
+    return [range(start, start + count) for start, count in zip(starts, layers_per_stage)]
+
+
+def stage_specs(cfg: ModelConfig, num_stages: int, layers_per_stage: Optional[list[int]] = None) -> list[StageSpec]:
+    ranges = split_layers(cfg.num_hidden_layers, num_stages, layers_per_stage)
+    return [StageSpec(r, first=s == 0, last=s == num_stages - 1) for s, r in enumerate(ranges)]
+
+
+@dataclass
+class StageOutput:
+    """What a stage's forward produces: the hidden states for the next stage (not on the last
+    stage), the losses (on the last stage), and the balance loss of this stage's MoE layers, which
+    its backward must include (it is already part of `losses.loss` on the last stage)."""
+
+    hidden: Optional[torch.Tensor]
+    losses: Optional[LossOutput]
+    balance_loss: Optional[torch.Tensor]
+
+
+class DeepSeekV3(nn.Module):
+    """The model, or with `stage` one pipeline stage of it; `tp_group` / `ep_group` (process groups,
+    None for size 1) inject tensor and expert parallelism into the layers that support it,
+    `sequence_parallel` sequence parallelism (a no-op unless the TP group has more than one rank)."""
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, ep_group=None, sequence_parallel: bool = False,
+                 stage: Optional[StageSpec] = None):
         super().__init__()
         self.cfg = cfg
+        self.stage = stage or StageSpec(range(cfg.num_hidden_layers))
         self.tp_group, self.ep_group = tp_group, ep_group
         self.sequence_parallel = sp = sequence_parallel and tp_size(tp_group) > 1
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, sequence_parallel=sp)
+        last, mtp_depth = self.stage.last, cfg.num_nextn_predict_layers
+        if self.stage.first or (last and mtp_depth > 0):
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group,
+                                                       sequence_parallel=sp)
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, i, tp_group, ep_group, sp) for i in range(cfg.num_hidden_layers)})
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group, sequence_parallel=sp)
+            {str(i): TransformerBlock(cfg, i, tp_group, ep_group, sp) for i in self.stage.layers})
+        if last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group, sequence_parallel=sp)
         self.mtp = nn.ModuleList([MTPModule(cfg, cfg.num_hidden_layers + k, tp_group, ep_group, sp)
-                                  for k in range(cfg.num_nextn_predict_layers)])
+                                  for k in range(mtp_depth if last else 0)])
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
 
     # ------------------------------------------------------------------ forward
@@ -126,7 +179,29 @@ class DeepSeekV3(nn.Module):
         labels[b, i] is the token after input_ids[b, i] (IGNORE_INDEX where there is none).
         """
         cos, sin = self._positions(input_ids)
-        h = self.hidden_states(input_ids, cos, sin)
+        return self._losses(self.hidden_states(input_ids, cos, sin), input_ids, labels, cos, sin)
+
+    def forward_stage(self, hidden: Optional[torch.Tensor], input_ids: torch.Tensor,
+                      labels: Optional[torch.Tensor] = None) -> StageOutput:
+        """This pipeline stage's part of compute_loss: embed (first stage) or take the previous
+        stage's hidden states, run this stage's blocks, and on the last stage compute the losses.
+
+        Every stage gets the micro-batch's input_ids (for rotary positions, and for MTP on the last
+        stage); the last stage also gets the labels.
+        """
+        cos, sin = self._positions(input_ids)
+        h = self.embed_tokens(input_ids) if self.stage.first else hidden
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        if self.stage.last:
+            losses = self._losses(h, input_ids, labels, cos, sin)
+            return StageOutput(None, losses, losses.balance_loss)
+        balance = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
+        return StageOutput(h, None, torch.stack(balance).sum() if balance else None)
+
+    def _losses(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, cos, sin) -> LossOutput:
+        """Losses from the last block's output h: LM, MTP per depth, and the balance losses of the
+        MoE layers this module holds."""
         lm_loss = self.head_loss(self.norm(h), labels)
 
         mtp_losses = []
@@ -291,8 +366,10 @@ def gather_full(module: nn.Module, param_name: str, tensor: torch.Tensor) -> tor
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: Optional[torch.device] = None,
-                tp_group=None, ep_group=None, sequence_parallel: bool = False) -> DeepSeekV3:
-    """A model with initialised weights (seeded; the same full weights for any layout)."""
-    model = DeepSeekV3(cfg, tp_group, ep_group, sequence_parallel)
+                tp_group=None, ep_group=None, sequence_parallel: bool = False,
+                stage: Optional[StageSpec] = None) -> DeepSeekV3:
+    """A model (or one pipeline stage of it) with initialised weights: seeded, and the same full
+    weights for any layout, since every tensor is drawn from a generator keyed by its name."""
+    model = DeepSeekV3(cfg, tp_group, ep_group, sequence_parallel, stage)
     model.init_weights(seed)
     return model.to(device) if device is not None else model
