@@ -129,8 +129,7 @@ class _CombineAllToAll(torch.autograd.Function):
 class AllToAllDispatchState:
     """What AllToAllTokenDispatcher.combine() needs to undo dispatch(), plus load statistics."""
 
-    token_of_slot: torch.Tensor  # for each of this rank's slots sorted by global expert, its token
-    num_tokens: int  # this rank's tokens (T)
+    permutation: DispatchState  # this rank's slots sorted by global expert (the local dispatcher's step)
     send_splits: list[int]  # slots this rank sent to each EP rank
     recv_splits: list[int]  # slots this rank received from each EP rank
     unsort: torch.Tensor | None  # [local expert][source] order -> received [source][local expert]; None: identity
@@ -177,6 +176,9 @@ class AllToAllTokenDispatcher:
                              f"({self.ep_size}).")
         self.num_local_experts = num_experts // self.ep_size
         self.local_expert_start = self.ep_rank * self.num_local_experts
+        # Sorting this rank's slots by global expert, and summing them back per token, is exactly
+        # what the single-rank dispatcher does; the exchange happens in between.
+        self._permute = LocalTokenDispatcher(num_experts)
 
     @property
     def local_experts(self) -> range:
@@ -184,16 +186,10 @@ class AllToAllTokenDispatcher:
         return range(self.local_expert_start, self.local_expert_start + self.num_local_experts)
 
     def dispatch(self, hidden: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor):
-        num_tokens, top_k = topk_idx.shape
         ep, nle = self.ep_size, self.num_local_experts
 
         # 1. Permute this rank's slots by global expert id (stable: token order within an expert).
-        flat_expert = topk_idx.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        local_counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        token_of_slot = order // top_k
-        permuted_tokens = hidden.index_select(0, token_of_slot)
-        permuted_gates = gates.reshape(-1).index_select(0, order)
+        permuted_tokens, permuted_gates, local_counts, permutation = self._permute.dispatch(hidden, topk_idx, gates)
 
         # 2. Exchange counts: rank s sends rank d its counts for d's experts; received [source, local expert].
         recv_counts = torch.empty_like(local_counts)
@@ -219,8 +215,8 @@ class AllToAllTokenDispatcher:
             recv_gates = recv_gates.index_select(0, resort)
 
         anchors = (recv_tokens, recv_gates) if num_recv == 0 else ()
-        state = AllToAllDispatchState(token_of_slot, num_tokens, send_splits, recv_splits, unsort, anchors,
-                                      local_counts, recv_counts)
+        state = AllToAllDispatchState(permutation, send_splits, recv_splits, unsort, anchors, local_counts,
+                                      recv_counts)
         return recv_tokens, recv_gates, recv_counts.sum(0), state
 
     def combine(self, expert_out: torch.Tensor, state: AllToAllDispatchState) -> torch.Tensor:
@@ -232,8 +228,7 @@ class AllToAllTokenDispatcher:
             expert_out = expert_out.index_select(0, state.unsort)
         anchors = tuple(a for a in state.anchors if a.requires_grad)
         back = _CombineAllToAll.apply(expert_out, state.send_splits, state.recv_splits, self.ep_group, *anchors)
-        out = back.new_zeros(state.num_tokens, back.shape[-1])
-        return out.index_add(0, state.token_of_slot, back)
+        return self._permute.combine(back, state.permutation)
 
     def global_tokens_per_expert(self, state: AllToAllDispatchState) -> torch.Tensor:
         """Slots per global expert [E] summed over the EP group's ranks (a collective; not differentiable)."""

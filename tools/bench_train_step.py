@@ -34,17 +34,10 @@ BATCH, SEQ = 8, 256
 def transformers_model(cfg: ModelConfig, megads_state: dict):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    hf_cfg = DeepseekV3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-        first_k_dense_replace=cfg.first_k_dense_replace, intermediate_size=cfg.intermediate_size,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
-        q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
-        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, n_routed_experts=cfg.n_routed_experts,
-        n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-        moe_intermediate_size=cfg.moe_intermediate_size, n_group=cfg.n_group, topk_group=cfg.topk_group,
-        routed_scaling_factor=cfg.routed_scaling_factor, max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, rope_interleave=cfg.rope_interleave,
-        tie_word_embeddings=False)
+    from megads.hf import hf_config_from_model_config
+
+    # The same config.json mapping `megads export-hf` writes, so both models are built alike.
+    hf_cfg = DeepseekV3Config.from_dict(hf_config_from_model_config(cfg))
     model = DeepseekV3ForCausalLM(hf_cfg)
     state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in megads_state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -148,10 +148,12 @@ class DeepSeekV3(nn.Module):
     def _positions(self, input_ids: torch.Tensor):
         return self.rotary(torch.arange(input_ids.shape[1], device=input_ids.device))
 
-    def hidden_states(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Output of the last transformer block (before the final norm), [B, S, hidden] (under
-        sequence parallelism this rank's chunk [B, S/t, hidden])."""
-        h = self.embed_tokens(input_ids)
+    def hidden_states(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Output of this module's last transformer block (before the final norm), [B, S, hidden]
+        (under sequence parallelism this rank's chunk [B, S/t, hidden]). It starts from the
+        embedding of input_ids, or from `hidden`, a previous pipeline stage's output."""
+        h = self.embed_tokens(input_ids) if hidden is None else hidden
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         return h
@@ -190,9 +192,7 @@ class DeepSeekV3(nn.Module):
         stage); the last stage also gets the labels.
         """
         cos, sin = self._positions(input_ids)
-        h = self.embed_tokens(input_ids) if self.stage.first else hidden
-        for layer in self.layers.values():
-            h = layer(h, cos, sin)
+        h = self.hidden_states(input_ids, cos, sin, None if self.stage.first else hidden)
         if self.stage.last:
             losses = self._losses(h, input_ids, labels, cos, sin)
             return StageOutput(None, losses, losses.balance_loss)

@@ -73,11 +73,6 @@ def write_model_weights(directory: Path, named_tensors, max_shard_bytes: Optiona
             writer.add(name, tensor)
 
 
-def model_state(model: torch.nn.Module):
-    """The tensors a checkpoint stores: parameters and persistent buffers (router biases)."""
-    return model.state_dict().items()
-
-
 def finalize_directory(tmp: Path, final: Path, step: Optional[int]) -> None:
     """Write the manifest, flush to disk and move `tmp` to `final` (replacing an older one)."""
     write_manifest(tmp, step)
