@@ -105,6 +105,8 @@ class ParallelConfig:
     sequence_parallel: bool = _f(False, "Shard activations along the sequence outside TP regions.")
     schedule: str = _f("1f1b", "Pipeline schedule: one of " + ", ".join(SCHEDULES) + ".")
     virtual_stages: int = _f(1, "Model chunks per pipeline rank (interleaved schedules).")
+    overlap: bool = _f(False, "DualPipe(V): overlap the forward and the backward of a fused F&B pair, each one's "
+                       "expert all-to-all running while the other computes.")
     micro_batches: Optional[int] = _f(
         None, "Micro-batches per step; null: global_batch_size / (micro_batch_size x DP).")
 
@@ -134,7 +136,11 @@ class Fp8Section:
     promote_every: Optional[int] = _f(128, "Hopper accumulation: promote partial sums to FP32 every N elements of K.")
     pow2_scales: bool = _f(False, "Round scales up to powers of two.")
     cache_activations: bool = _f(True, "Save layer inputs for backward in FP8 (with their scales) instead of FP32.")
-    dispatch: bool = _f(False, "Quantize tokens to FP8 before the expert all-to-all (not implemented yet).")
+    dispatch: bool = _f(
+        False, "Send the routed experts' input tokens through the expert-parallel all-to-all in FP8 (1x128 tiles, "
+               "power-of-two scales: about 1/4 of the FP32 bytes); combine and gradients stay high precision. "
+               "Quantized at expert_parallel 1 too, so results do not depend on it. Needs fp8.enabled; best with "
+               "fp8.pow2_scales (DeepSeek-V3's setting): the experts' GEMM then re-quantizes the tokens losslessly.")
 
 
 @dataclass
@@ -405,6 +411,21 @@ def _train_rules(t: TrainConfig):
     yield t.num_threads is None or t.num_threads >= 1, f"train.num_threads must be null or at least 1, got {t.num_threads}."
 
 
+def micro_batch_rules(p: ParallelConfig, n: int):
+    """What the pipeline schedule needs of the number of micro-batches per step, n (given by
+    parallel.micro_batches, or derived from the batch sizes and the data-parallel size)."""
+    pp = p.pipeline_parallel
+    if pp == 1:
+        return
+    if p.schedule == "interleaved-1f1b":
+        yield n % pp == 0, (f"parallel.micro_batches ({n}) must be a multiple of parallel.pipeline_parallel "
+                            f"({pp}) for interleaved-1f1b (otherwise its warm-up deadlocks).")
+    if p.schedule in ("dualpipe", "dualpipev"):
+        yield n >= 2 * pp and (n % 2 == 0 or p.schedule == "dualpipev"), (
+            f"parallel.micro_batches ({n}) must be at least 2 x parallel.pipeline_parallel ({2 * pp})"
+            f"{' and even' if p.schedule == 'dualpipe' else ''} for {p.schedule}.")
+
+
 def _parallel_rules(p: ParallelConfig, m: ModelConfig, t: TrainConfig):
     for name in ("tensor_parallel", "pipeline_parallel", "expert_parallel", "virtual_stages"):
         yield getattr(p, name) >= 1, f"parallel.{name} must be at least 1, got {getattr(p, name)}."
@@ -423,17 +444,12 @@ def _parallel_rules(p: ParallelConfig, m: ModelConfig, t: TrainConfig):
     yield m.num_hidden_layers >= p.pipeline_parallel * p.virtual_stages, (
         f"model.num_hidden_layers ({m.num_hidden_layers}) must be at least parallel.pipeline_parallel x "
         f"virtual_stages ({p.pipeline_parallel * p.virtual_stages}).")
-    pp, n = p.pipeline_parallel, p.micro_batches
+    pp = p.pipeline_parallel
     if p.schedule == "interleaved-1f1b" and pp > 1:
         yield p.virtual_stages >= 2, (
             f"parallel.virtual_stages must be at least 2 for interleaved-1f1b, got {p.virtual_stages}.")
-        if n is not None:
-            yield n % pp == 0, (f"parallel.micro_batches ({n}) must be a multiple of parallel.pipeline_parallel "
-                                f"({pp}) for interleaved-1f1b (otherwise its warm-up deadlocks).")
-    if p.schedule in ("dualpipe", "dualpipev") and pp > 1 and n is not None:
-        yield n >= 2 * pp and (n % 2 == 0 or p.schedule == "dualpipev"), (
-            f"parallel.micro_batches ({n}) must be at least 2 x parallel.pipeline_parallel ({2 * pp})"
-            f"{' and even' if p.schedule == 'dualpipe' else ''} for {p.schedule}.")
+    if p.micro_batches is not None:
+        yield from micro_batch_rules(p, p.micro_batches)
     if p.schedule == "dualpipev" and pp > 1:
         yield m.num_hidden_layers >= 2 * pp, (
             f"model.num_hidden_layers ({m.num_hidden_layers}) must be at least 2 x parallel.pipeline_parallel "
@@ -457,9 +473,8 @@ def _fp8_rules(f: Fp8Section, p: ParallelConfig):
     yield not (f.accumulation == "hopper" and f.backend != "emulated"), (
         "fp8.accumulation hopper is a model of the tensor cores for the emulated backend; real backends accumulate "
         "as the hardware does (use accumulation fp32).")
-    yield not f.dispatch, "fp8.dispatch (FP8 expert all-to-all) is not implemented yet; set it to false."
-    yield not (f.enabled and p.tensor_parallel > 1), (
-        "fp8.enabled with parallel.tensor_parallel > 1 is not supported yet (FP8 layers are not tensor-parallel).")
+    yield not (f.dispatch and not f.enabled), (
+        "fp8.dispatch (FP8 expert all-to-all) needs fp8.enabled: true.")
 
 
 def validate(cfg: Config) -> None:

@@ -89,6 +89,29 @@ class ShardedWriter:
             self.close()
 
 
+def merge_indexes(directory: str | Path, parts: list[str], prefix: str = "model") -> None:
+    """Merge the indexes of several writers' `{part}` shards in `directory` into one `{prefix}` index
+    (the parts' shard files stay as they are; their indexes are removed). Names must not repeat."""
+    directory = Path(directory)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for part in parts:
+        path = directory / f"{part}.safetensors.index.json"
+        index = json.loads(path.read_text())
+        repeated = set(weight_map) & set(index["weight_map"])
+        if repeated:
+            raise ValueError(f"{path} repeats tensors written by another part: {sorted(repeated)[:5]}")
+        weight_map.update(index["weight_map"])
+        total += index["metadata"]["total_size"]
+    index_path = directory / f"{prefix}.safetensors.index.json"
+    tmp_index = index_path.with_suffix(".json.tmp")
+    tmp_index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                                    indent=2))
+    os.replace(tmp_index, index_path)
+    for part in parts:
+        (directory / f"{part}.safetensors.index.json").unlink()
+
+
 def _shares_storage(t: torch.Tensor) -> bool:
     """True if t is a view into a larger storage (safetensors refuses to save those)."""
     return t.untyped_storage().nbytes() != t.numel() * t.element_size()

@@ -78,7 +78,9 @@ the router, MLA's down-projections; their gradients must already agree, see
 parallel.tensor.allreduce_sequence_parallel_grads), pass `replicated_in_model_parallel(p) ->
 True`: such a parameter counts only on rank 0 of `tensor_parallel_group` (defaults to
 `model_parallel_group`; give the TP group explicitly when model_parallel_group also spans
-pipeline stages). Sharded TP weights and pipeline stages' own parameters count everywhere.
+pipeline stages). Sharded TP weights and pipeline stages' own parameters count everywhere. A
+parameter that is a copy of one owned by another pipeline rank (the output stage's embedding copy
+for MTP, DualPipe's second copy of a stage) is left out with `duplicated_elsewhere(p) -> True`.
 
 Checkpoints
 -----------
@@ -443,6 +445,7 @@ class DistributedOptimizer:
         the first entry's group; it must be the dense DP group, which EDP x EP spans).
     `model_parallel_group`, `replicated_in_model_parallel`, `tensor_parallel_group`: the norm's second
         all-reduce, and which parameters count on one of their model-parallel copies only.
+    `duplicated_elsewhere(p)`: True for a pipeline copy of a parameter counted on another rank.
     """
 
     def __init__(self, param_groups: Sequence[DataParallelParams | tuple], *, lr: float = 1e-3,
@@ -451,7 +454,8 @@ class DistributedOptimizer:
                  data_parallel_group: ProcessGroup | None = None,
                  model_parallel_group: ProcessGroup | None = None,
                  replicated_in_model_parallel: Callable[[nn.Parameter], bool] | None = None,
-                 tensor_parallel_group: ProcessGroup | None = None):
+                 tensor_parallel_group: ProcessGroup | None = None,
+                 duplicated_elsewhere: Callable[[nn.Parameter], bool] | None = None):
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
             if value < 0:
                 raise ValueError(f"{name} must be non-negative, got {value}.")
@@ -466,7 +470,8 @@ class DistributedOptimizer:
         replicated = replicated_in_model_parallel or (lambda p: False)
         canonical = group_rank(tensor_parallel_group if tensor_parallel_group is not None
                                else model_parallel_group) == 0
-        counted = lambda p: canonical or not replicated(p)  # noqa: E731
+        duplicate = duplicated_elsewhere or (lambda p: False)
+        counted = lambda p: (canonical or not replicated(p)) and not duplicate(p)  # noqa: E731
         decays = decays or _default_decays
 
         seen: set[int] = set()

@@ -4,14 +4,51 @@ The routed experts of a MoE layer see their tokens sorted by expert id, so each 
 form one contiguous slice and the expert FFNs run as a grouped GEMM. This module owns the
 permutation and, under expert parallelism, the all-to-all exchange; at expert-parallel size 1 no
 communication happens.
+
+Compressed dispatch: a dispatcher's ``codec`` (None: tokens travel as they are) encodes the tokens
+of the forward dispatch into byte rows before the all-to-all and decodes them after it (DeepSeek-V3
+sends the MoE up-projection inputs in FP8: megads.fp8.dispatch.Fp8DispatchCodec, injected by
+megads.fp8.convert_to_fp8, so that this package knows nothing of FP8). Only the forward dispatch is
+encoded: the gradient going back to the tokens, the gates and the combine (both directions) stay
+in high precision. Autograd treats encode-then-decode as the identity (straight-through): the
+gradient reaching the decoded tokens is passed unchanged to the tokens that were encoded. The
+local dispatcher (expert-parallel size 1) has nothing to send but applies the same round trip, so
+a run's numbers do not depend on the expert-parallel size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
+
+
+class TokenCodec(Protocol):
+    """How tokens travel in the forward dispatch: one uint8 row per token, decoded after the exchange.
+
+    encode(tokens [N, H]) -> uint8 [N, row_bytes] (rows independent of each other, so a row can be
+    sent anywhere on its own); decode(rows [N, row_bytes], hidden=H, dtype) -> [N, H] in dtype.
+    decode(encode(x)) is what the experts see; it must be deterministic.
+    """
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, rows: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+class _CodecRoundTrip(torch.autograd.Function):
+    """decode(encode(x)) forward, identity backward (straight-through): the local dispatcher's stand-in
+    for the encoded exchange, so that numerics match expert parallelism."""
+
+    @staticmethod
+    def forward(ctx, x, codec):
+        return codec.decode(codec.encode(x), x.shape[-1], x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 @dataclass
@@ -25,12 +62,20 @@ class DispatchState:
 class LocalTokenDispatcher:
     """Dispatcher for all experts on this rank (expert-parallel size 1)."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, codec: TokenCodec | None = None):
         self.num_experts = num_experts
+        self.codec = codec
 
     def dispatch(self, hidden: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor):
         """hidden [T, H], topk_idx and gates [T, K] -> tokens sorted by expert [T*K, H], their gates
-        [T*K], tokens per expert [E], and the state combine() needs."""
+        [T*K], tokens per expert [E], and the state combine() needs.
+
+        With a codec the tokens are encoded and decoded first (see the module doc): once per token
+        here, which gives the same rows as encoding each (token, expert) slot, since rows are
+        encoded independently.
+        """
+        if self.codec is not None:
+            hidden = _CodecRoundTrip.apply(hidden, self.codec)
         num_tokens, top_k = topk_idx.shape
         flat_expert = topk_idx.reshape(-1)
         # Stable sort keeps each expert's tokens in their original order (deterministic results).
@@ -81,21 +126,27 @@ class _DispatchAllToAll(torch.autograd.Function):
 
     Tokens and gates travel in one node so that their two collectives are always issued in the same
     order on every rank (gates keep their own dtype: FP32 router output next to BF16 tokens).
+    With a codec the tokens travel encoded (byte rows) and are decoded to their own dtype on
+    arrival; the gates and the backward exchange are not encoded (see the module doc).
     """
 
     @staticmethod
-    def forward(ctx, tokens, gates, output_splits, input_splits, group):
+    def forward(ctx, tokens, gates, output_splits, input_splits, group, codec):
         ctx.splits = (output_splits, input_splits)
         ctx.group = group
-        return (_all_to_all(tokens, output_splits, input_splits, group),
-                _all_to_all(gates, output_splits, input_splits, group))
+        if codec is None:
+            recv_tokens = _all_to_all(tokens, output_splits, input_splits, group)
+        else:
+            rows = _all_to_all(codec.encode(tokens), output_splits, input_splits, group)
+            recv_tokens = codec.decode(rows, tokens.shape[-1], tokens.dtype)
+        return recv_tokens, _all_to_all(gates, output_splits, input_splits, group)
 
     @staticmethod
     def backward(ctx, grad_tokens, grad_gates):
         # Grads are materialised (zeros) when an output got none, so both collectives always run.
         output_splits, input_splits = ctx.splits
         return (_all_to_all(grad_tokens, input_splits, output_splits, ctx.group),
-                _all_to_all(grad_gates, input_splits, output_splits, ctx.group), None, None, None)
+                _all_to_all(grad_gates, input_splits, output_splits, ctx.group), None, None, None, None)
 
 
 class _CombineAllToAll(torch.autograd.Function):
@@ -164,10 +215,14 @@ class AllToAllTokenDispatcher:
 
     Every rank of the EP group must call dispatch and combine (and backward) the same number of
     times in the same order, also when it has no token (T = 0) or sends none.
+
+    codec (optional, see the module doc): how the tokens travel in the forward dispatch. Every rank
+    of the EP group must use the same one (rows of one codec are not readable by another).
     """
 
-    def __init__(self, num_experts: int, ep_group):
+    def __init__(self, num_experts: int, ep_group, codec: TokenCodec | None = None):
         self.num_experts = num_experts
+        self.codec = codec
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
@@ -201,7 +256,7 @@ class AllToAllTokenDispatcher:
 
         # 3. Tokens and gates to the expert owners, received in [source rank][local expert] order.
         recv_tokens, recv_gates = _DispatchAllToAll.apply(permuted_tokens, permuted_gates, recv_splits,
-                                                          send_splits, self.ep_group)
+                                                          send_splits, self.ep_group, self.codec)
 
         # 4. Re-sort to [local expert][source rank] (stable: source order, then token order).
         num_recv = sum(recv_splits)
@@ -237,8 +292,10 @@ class AllToAllTokenDispatcher:
         return counts
 
 
-def make_token_dispatcher(num_experts: int, ep_group=None):
-    """LocalTokenDispatcher when ep_group is None or has one rank, else AllToAllTokenDispatcher."""
+def make_token_dispatcher(num_experts: int, ep_group=None, codec: TokenCodec | None = None):
+    """LocalTokenDispatcher when ep_group is None or has one rank, else AllToAllTokenDispatcher.
+
+    Both take a ``codec`` (None: tokens as they are); it can also be set later (``dispatcher.codec``)."""
     if ep_group is None or dist.get_world_size(ep_group) == 1:
-        return LocalTokenDispatcher(num_experts)
-    return AllToAllTokenDispatcher(num_experts, ep_group)
+        return LocalTokenDispatcher(num_experts, codec)
+    return AllToAllTokenDispatcher(num_experts, ep_group, codec)

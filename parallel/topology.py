@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megads.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from megads.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, micro_batch_rules
 
 
 @dataclass
@@ -50,6 +50,8 @@ class Topology:
     edp_group: Optional[dist.ProcessGroup] = None
     # All ranks of this pipeline stage (TP x DP): the expert loads of a step are summed over it.
     stage_group: Optional[dist.ProcessGroup] = None
+    # The ranks holding the parts of one model replica (TP x PP): the gradient norm's last sum.
+    model_parallel_group: Optional[dist.ProcessGroup] = None
     sequence_parallel: bool = False
 
     @property
@@ -73,6 +75,17 @@ def validate_layout(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_siz
         if t.global_batch_size % (dp * t.micro_batch_size):
             problems.append(f"train.global_batch_size ({t.global_batch_size}) must be divisible by the data-parallel "
                             f"size ({dp}) x train.micro_batch_size ({t.micro_batch_size}).")
+        else:
+            n = t.global_batch_size // (dp * t.micro_batch_size)
+            if p.micro_batches is not None and p.micro_batches != n:
+                problems.append(f"parallel.micro_batches ({p.micro_batches}) must equal train.global_batch_size / "
+                                f"(data-parallel size x train.micro_batch_size) = {t.global_batch_size} / "
+                                f"({dp} x {t.micro_batch_size}) = {n}, or be null.")
+            elif p.micro_batches is None:
+                problems += [message.replace("parallel.micro_batches", "the number of micro-batches per step, "
+                                             f"train.global_batch_size / (data-parallel size {dp} x "
+                                             "train.micro_batch_size),")
+                             for ok, message in micro_batch_rules(p, n) if not ok]
     # Without sequence parallelism MoE layers split whole sequences across TP ranks; with it each
     # TP rank already holds a chunk of every sequence (config requires seq_length % TP == 0).
     if p.tensor_parallel > 1 and not p.sequence_parallel and m.num_moe_layers + m.num_nextn_predict_layers > 0 \
@@ -127,6 +140,7 @@ def init_distributed(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Topol
         ep_group=ps.get_expert_model_parallel_group(),
         edp_size=ps.get_expert_data_parallel_world_size(), edp_group=ps.get_expert_data_parallel_group(),
         stage_group=ps.get_tensor_and_data_parallel_group(),
+        model_parallel_group=ps.get_model_parallel_group(),
         sequence_parallel=p.sequence_parallel and p.tensor_parallel > 1,
     )
 

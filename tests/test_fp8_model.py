@@ -31,7 +31,6 @@ import pytest
 import torch
 from torch import nn
 
-import parallel.tensor
 from megads.config import config_from_dict
 from megads.fp8 import (
     Fp8Config,
@@ -192,11 +191,18 @@ def test_converting_again_updates_the_config():
     assert all(m.config.accumulation == "hopper" for m in model.modules() if hasattr(m, "fp8_stats"))
 
 
-def test_tensor_parallel_sharded_layer_raises_and_changes_nothing(monkeypatch):
+class _ScaledColumn(ColumnParallelLinear):
+    """A parallel linear layer with a forward of its own: convert_to_fp8 cannot know its collectives."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_linear_with_its_own_forward_raises_and_changes_nothing():
+    # (Tensor-parallel sharded layers are converted: tests/test_fp8_tensor_parallel.py.)
     model = build_model(tiny(), seed=0)
-    monkeypatch.setattr(parallel.tensor, "tp_size", lambda group: 1 if group is None else 2)
-    model.layers["1"].self_attn.kv_b_proj.tp_group = object()      # a stand-in group of 2 ranks
-    with pytest.raises(NotImplementedError, match="layers.1.self_attn.kv_b_proj.*tensor-parallel"):
+    model.layers["1"].self_attn.kv_b_proj.__class__ = _ScaledColumn
+    with pytest.raises(NotImplementedError, match="layers.1.self_attn.kv_b_proj is a _ScaledColumn with its own"):
         convert_to_fp8(model, Fp8Config())
     assert not any(hasattr(m, "fp8_stats") for m in model.modules())
     assert not hasattr(model, "fp8_summary")

@@ -6,14 +6,16 @@
     gemm        the backend interface, the emulated backend, (grouped) FP8 GEMMs
     backends    Transformer Engine and PyTorch GPU backends (imported lazily)
     linear      Fp8Linear and the expert-grouped FP8 linear
-    dispatch    FP8 expert dispatch (quantize before the all-to-all, dequantize after)
+    dispatch    FP8 expert dispatch (quantize before the all-to-all, dequantize after; the dispatcher's codec)
     stats       counters and the non-finite detection a trainer reads
     convert     convert_to_fp8(model): FP8 injected into a built model; fp8_stats(model) for metrics
 """
 
 from megads.fp8.accumulate import fma_f32, hopper_chains, promote
 from megads.fp8.dispatch import (
+    Fp8DispatchCodec,
     dequantize_after_dispatch,
+    dispatch_row_bytes,
     pack_for_dispatch,
     quantize_for_dispatch,
     unpack_after_dispatch,
@@ -40,7 +42,9 @@ from megads.fp8.quantize import (
 )
 from megads.fp8.stats import Fp8Stats, collect_stats, found_nonfinite, reset_stats
 from megads.fp8.convert import (
+    Fp8ColumnParallelLinear,
     Fp8ConversionSummary,
+    Fp8RowParallelLinear,
     Fp8RoutedExperts,
     convert_to_fp8,
     fp8_grouped_swiglu,
@@ -56,6 +60,7 @@ __all__ = [
     "fp8_grouped_gemm", "fp8_grouped_linear", "get_backend", "hopper_chains", "hopper_gemm", "pack_for_dispatch",
     "promote", "quantize_blocks", "quantize_for_dispatch", "quantize_tiles", "reset_stats", "round_up_pow2",
     "to_e4m3", "unpack_after_dispatch",
-    "Fp8ConversionSummary", "Fp8RoutedExperts", "convert_to_fp8", "fp8_grouped_swiglu", "fp8_modules", "fp8_stats",
+    "Fp8ColumnParallelLinear", "Fp8ConversionSummary", "Fp8DispatchCodec", "Fp8RoutedExperts",
+    "Fp8RowParallelLinear", "dispatch_row_bytes", "convert_to_fp8", "fp8_grouped_swiglu", "fp8_modules", "fp8_stats",
     "nonfinite_layers",
 ]

@@ -22,9 +22,25 @@ buffers, hooks, names, the module tree and every other attribute stay exactly as
 ``state_dict()`` keys and values, the optimizer's parameter list, checkpoints and the Hugging Face
 mapping (megads.hf) are unchanged: the FP32 master weights are the same tensor objects.
 
-Tensor parallelism: a parallel layer whose ``tp_group`` has more than one rank is not supported
-yet (the FP8 forward would skip its collectives) and conversion raises NotImplementedError before
-changing anything.
+Tensor parallelism: a ColumnParallelLinear / RowParallelLinear sharded over several ranks becomes
+an Fp8ColumnParallelLinear / Fp8RowParallelLinear, which runs the same collectives as the parallel
+layer around an FP8 GEMM on this rank's shard. Each rank quantizes what it holds: its weight shard
+in 128x128 blocks counted from the shard's own first row / column, and its activations in 1x128
+tiles along the dimension it holds (the input features of a RowParallelLinear, the output-feature
+gradient of a ColumnParallelLinear). Block and tile boundaries therefore follow the shard: TP = t
+quantizes exactly as TP = 1 does (and gives the same numbers up to floating-point summation order)
+only when every sharded width (out_features / t of a column layer, in_features / t of a row
+layer) is a multiple of 128, as in DeepSeek-V3's real sizes. Otherwise a 128-wide block straddles
+a shard boundary at TP = 1 and is split in two at TP = t, each part getting its own scale: both are
+valid FP8 roundings of the same weights, and the two runs differ by about the FP8 error itself.
+
+Expert dispatch: with ``Fp8Config.dispatch`` every MoE layer's token dispatcher gets an
+``Fp8DispatchCodec`` (megads.fp8.dispatch): the routed experts' input tokens cross the
+expert-parallel all-to-all as E4M3 codes with power-of-two 1x128 scales, the combine and all
+gradients stay high precision (parallel/expert.py). At expert-parallel size 1 the tokens are
+quantized and dequantized all the same, so the numbers do not depend on the expert-parallel size.
+With ``pow2_scales`` as well (DeepSeek-V3's setting) the routed experts' GEMM re-quantizes the
+dispatched tokens without any further loss; without it their tiles are rounded a second time.
 """
 
 from __future__ import annotations
@@ -37,10 +53,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megads.fp8.dispatch import Fp8DispatchCodec
 from megads.fp8.linear import Fp8Config, Fp8Linear, fp8_grouped_linear
 from megads.fp8.stats import Fp8Stats
-from megads.model.moe import RoutedExperts
-from parallel.tensor import ColumnParallelLinear, RowParallelLinear
+from megads.model.moe import MoE, RoutedExperts
+from parallel.tensor import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tp_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tp_region,
+    reduce_from_tp_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tp_region,
+)
 
 # Linear layers kept in high precision by default, matched as whole components of the module name.
 DEFAULT_SKIP = ("lm_head",)
@@ -50,15 +76,35 @@ DEFAULT_SKIP = ("lm_head",)
 
 
 class Fp8ColumnParallelLinear(Fp8Linear, ColumnParallelLinear):
-    """A ColumnParallelLinear (tensor-parallel size 1) running its GEMMs in FP8 (Fp8Linear.forward).
+    """A ColumnParallelLinear whose local GEMM (all three, forward and backward) runs in FP8.
 
-    At TP size 1 every collective of ColumnParallelLinear.forward is the identity, so
-    Fp8Linear.forward computes the same function. Only ever made by class swap (convert_to_fp8).
+    The collectives are ColumnParallelLinear.forward's, in the same order, with Fp8Linear.forward
+    (this rank's output rows of the weight, quantized per 128x128 block of the shard) in place of
+    F.linear: keep the two forwards in step (tests/test_fp8_tensor_parallel.py compares them with
+    the single-process layer). Only ever made by class swap (convert_to_fp8).
     """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, self.tp_group)
+        elif not self.disable_grad_reduce:
+            x = copy_to_tp_region(x, self.tp_group)
+        y = Fp8Linear.forward(self, x)
+        return gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
 
 class Fp8RowParallelLinear(Fp8Linear, RowParallelLinear):
-    """A RowParallelLinear (tensor-parallel size 1) running its GEMMs in FP8; see Fp8ColumnParallelLinear."""
+    """A RowParallelLinear whose local GEMM runs in FP8 (RowParallelLinear.forward's collectives around
+    Fp8Linear.forward); see Fp8ColumnParallelLinear. The partial products are summed over the TP group
+    in the activation dtype, as the high-precision layer does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp_region(x, self.tp_group)
+        partial = Fp8Linear.forward(self, x)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)
+        return reduce_from_tp_region(partial, self.tp_group)
 
 
 _FP8_LINEAR_CLASSES: dict[type, type] = {
@@ -118,6 +164,7 @@ class Fp8ConversionSummary:
     config: Fp8Config
     linears: list[str] = field(default_factory=list)          # now Fp8Linear
     grouped_experts: list[str] = field(default_factory=list)  # now Fp8RoutedExperts
+    dispatchers: list[str] = field(default_factory=list)      # MoE layers whose expert dispatch is FP8
     kept: dict[str, str] = field(default_factory=dict)        # name -> class, modules with own weights kept
 
     @property
@@ -137,26 +184,15 @@ class Fp8ConversionSummary:
         kept_text = ", ".join(f"{n} {cls}" for cls, n in sorted(kept.items())) or "nothing"
         skipped = [name for name, cls in self.kept.items() if "Linear" in cls]
         c = self.config
+        dispatch = f"; expert dispatch in FP8 in {len(self.dispatchers)} MoE layers" if self.dispatchers else ""
         return (f"FP8 ({c.backend}, accumulation {c.accumulation}): {self.num_linears} linear layers and "
-                f"{self.num_grouped_experts} routed-expert groups converted; kept in high precision: {kept_text}"
-                + (f" (linear: {', '.join(skipped)})" if skipped else ""))
+                f"{self.num_grouped_experts} routed-expert groups converted{dispatch}; kept in high precision: "
+                f"{kept_text}" + (f" (linear: {', '.join(skipped)})" if skipped else ""))
 
 
 def _name_matches(fqn: str, pattern: str) -> bool:
     """pattern is a run of whole dot-separated components of fqn ("lm_head", "mlp.gate", ...)."""
     return f".{pattern}." in f".{fqn}."
-
-
-def _check_not_sharded(name: str, module: nn.Module) -> None:
-    group = getattr(module, "tp_group", None)
-    if group is None:
-        return
-    size = module.tp_size if hasattr(type(module), "tp_size") else torch.distributed.get_world_size(group)
-    if size > 1:
-        raise NotImplementedError(
-            f"convert_to_fp8: {name} ({type(module).__name__}) is tensor-parallel sharded over {size} ranks; FP8 "
-            f"linear layers do not support tensor parallelism yet (convert a model built with tp_group=None or a "
-            f"group of size 1).")
 
 
 def _fp8_class_for(name: str, module: nn.Linear) -> type:
@@ -180,6 +216,21 @@ def _attach(module: nn.Module, cls: type, config: Fp8Config) -> None:
     module.fp8_stats = Fp8Stats()
 
 
+def _set_dispatch_codec(moe: MoE, config: Fp8Config) -> None:
+    """Give moe's dispatcher the FP8 codec (config.dispatch), or take an FP8 codec away (not a foreign one).
+
+    Made after _attach so that it records into the routed experts' fresh stats: the dispatch
+    quantizes exactly the tokens their up-projection consumes, and an inf/NaN among them is then
+    reported (fp8_stats, found_nonfinite) under that layer's name.
+    """
+    dispatcher = moe.dispatcher
+    if config.dispatch:
+        stats = moe.experts.fp8_stats if isinstance(moe.experts, Fp8RoutedExperts) else None
+        dispatcher.codec = Fp8DispatchCodec(eps=config.eps, stats=stats)
+    elif isinstance(dispatcher.codec, Fp8DispatchCodec):
+        dispatcher.codec = None
+
+
 def convert_to_fp8(model: nn.Module, fp8_config: Fp8Config | None = None, *,
                    skip: Iterable[str] = DEFAULT_SKIP, experts: bool = True,
                    module_filter: Callable[[str, nn.Module], bool] | None = None,
@@ -190,11 +241,14 @@ def convert_to_fp8(model: nn.Module, fp8_config: Fp8Config | None = None, *,
     except those whose name contains a ``skip`` entry as whole components (default: ``lm_head``)
     or for which ``module_filter(name, module)`` returns False; with ``experts`` every
     RoutedExperts becomes an Fp8RoutedExperts. Embeddings, routers and norms are never touched.
+    Tensor-parallel layers may be sharded (see the module docstring). With ``fp8_config.dispatch``
+    every MoE layer's token dispatcher gets an Fp8DispatchCodec (counted in its routed experts'
+    fp8_stats when those are FP8); without it an FP8 codec set by an earlier conversion is removed.
     Already converted modules take the new config (their stats are reset).
 
     Nothing is copied: parameters stay the same objects (see the module docstring). Everything is
-    checked before anything changes: a tensor-parallel sharded layer (NotImplementedError) or an
-    unavailable backend (Fp8BackendUnavailable) leaves the model as it was.
+    checked before anything changes: a linear layer with a forward of its own (NotImplementedError)
+    or an unavailable backend (Fp8BackendUnavailable) leaves the model as it was.
     """
     config = fp8_config or Fp8Config()
     config.get_backend()                          # probe now: fail before converting anything
@@ -211,7 +265,6 @@ def convert_to_fp8(model: nn.Module, fp8_config: Fp8Config | None = None, *,
                                      f"converting back is not supported")
                 summary.kept[name] = type(module).__name__
                 continue
-            _check_not_sharded(name, module)
             cls = type(module) if isinstance(module, Fp8Linear) else _fp8_class_for(name, module)
             plan.append((module, cls))
             summary.linears.append(name)
@@ -225,6 +278,11 @@ def convert_to_fp8(model: nn.Module, fp8_config: Fp8Config | None = None, *,
             summary.kept[name] = type(module).__name__
     for module, cls in plan:
         _attach(module, cls, config)
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            _set_dispatch_codec(module, config)
+            if config.dispatch:
+                summary.dispatchers.append(name)
     model.fp8_summary = summary
     if log is not None:
         log(str(summary))

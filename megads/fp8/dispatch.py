@@ -17,6 +17,7 @@ import torch
 
 from megads.fp8.format import E4M3
 from megads.fp8.quantize import BLOCK, DEFAULT_EPS, ceil_div, quantize_tiles
+from megads.fp8.stats import Fp8Stats
 
 _E8M0_NAN = 0xFF
 
@@ -35,9 +36,12 @@ def e8m0_to_scale(e: torch.Tensor) -> torch.Tensor:
     return torch.where(ei == _E8M0_NAN, torch.full_like(s, float("nan")), s)
 
 
-def quantize_for_dispatch(x: torch.Tensor, *, eps: float = DEFAULT_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] -> (codes uint8 [T, H], scale exponents uint8 [T, ceil(H/128)])."""
+def quantize_for_dispatch(x: torch.Tensor, *, eps: float = DEFAULT_EPS,
+                          stats: Fp8Stats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] -> (codes uint8 [T, H], scale exponents uint8 [T, ceil(H/128)]); ``stats`` counts the tiles."""
     q = quantize_tiles(x, pow2=True, eps=eps)
+    if stats is not None:
+        stats.record(q)
     return q.data.view(torch.uint8), scale_to_e8m0(q.scale)
 
 
@@ -51,12 +55,42 @@ def dequantize_after_dispatch(codes: torch.Tensor, scale_e8m0: torch.Tensor,
     return out.to(dtype)
 
 
-def pack_for_dispatch(x: torch.Tensor, *, eps: float = DEFAULT_EPS) -> torch.Tensor:
+def pack_for_dispatch(x: torch.Tensor, *, eps: float = DEFAULT_EPS, stats: Fp8Stats | None = None) -> torch.Tensor:
     """x [T, H] -> one uint8 row per token: H code bytes, then ceil(H/128) scale bytes."""
-    codes, exps = quantize_for_dispatch(x, eps=eps)
+    codes, exps = quantize_for_dispatch(x, eps=eps, stats=stats)
     return torch.cat([codes, exps], dim=1)
 
 
 def unpack_after_dispatch(buf: torch.Tensor, hidden: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of pack_for_dispatch for rows of a token of size ``hidden``."""
     return dequantize_after_dispatch(buf[:, :hidden], buf[:, hidden:], dtype)
+
+
+def dispatch_row_bytes(hidden: int) -> int:
+    """Bytes per token row of pack_for_dispatch: H codes + ceil(H/128) E8M0 scales (FP32 takes 4H)."""
+    return hidden + ceil_div(hidden, BLOCK)
+
+
+class Fp8DispatchCodec:
+    """The FP8 dispatch as a parallel.expert.TokenCodec: pack_for_dispatch / unpack_after_dispatch.
+
+    Given to a token dispatcher (``dispatcher.codec``; megads.fp8.convert_to_fp8 does it when
+    ``Fp8Config.dispatch`` is set), the forward expert dispatch sends one uint8 row per token.
+    ``stats`` (an Fp8Stats, optional) counts the tiles quantized and any inf/NaN met, so that a
+    non-finite token is reported like one met by an FP8 layer; convert_to_fp8 passes the routed
+    experts' own stats, since these are the tokens their up-projection consumes. The scales are
+    always powers of two (E8M0 holds nothing else), whatever Fp8Config.pow2_scales says.
+    """
+
+    def __init__(self, eps: float = DEFAULT_EPS, stats: Fp8Stats | None = None):
+        self.eps = eps
+        self.stats = stats
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return pack_for_dispatch(tokens, eps=self.eps, stats=self.stats)
+
+    def decode(self, rows: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+        return unpack_after_dispatch(rows, hidden, dtype)
+
+    def __repr__(self) -> str:
+        return f"Fp8DispatchCodec(eps={self.eps:g})"

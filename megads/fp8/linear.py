@@ -57,6 +57,9 @@ class Fp8Config:
     pow2_scales: round scales up to powers of two (exact dequantization).
     eps: floor of a tile's amax (keeps all-zero tiles finite).
     cache_activations: save the layer input for backward in FP8 instead of FP32.
+    dispatch: send the routed experts' input tokens through the expert-parallel all-to-all in FP8
+        (1x128 tiles, power-of-two scales; megads.fp8.dispatch). Read by convert_to_fp8, which gives
+        every MoE layer's token dispatcher an Fp8DispatchCodec; the linear layers ignore it.
     """
 
     backend: str = "emulated"
@@ -65,6 +68,7 @@ class Fp8Config:
     pow2_scales: bool = False
     eps: float = DEFAULT_EPS
     cache_activations: bool = True
+    dispatch: bool = False
 
     def get_backend(self) -> Fp8Backend:
         return get_backend(self.backend, accumulation=self.accumulation, promote_every=self.promote_every)

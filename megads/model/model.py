@@ -146,7 +146,11 @@ class DeepSeekV3(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _positions(self, input_ids: torch.Tensor):
-        return self.rotary(torch.arange(input_ids.shape[1], device=input_ids.device))
+        return self.positions(input_ids.shape[1], input_ids.device)
+
+    def positions(self, seq_length: int, device: torch.device):
+        """Rotary (cos, sin) for positions 0..seq_length-1 (the full sequence, also under SP)."""
+        return self.rotary(torch.arange(seq_length, device=device))
 
     def hidden_states(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -322,6 +326,11 @@ class DeepSeekV3(nn.Module):
                 raise ValueError(f"{name}: full tensor of shape {tuple(full.shape)} does not fit this model "
                                  f"(local shape {tuple(target.shape)}).")
             target.copy_(shard)
+
+    whole_model = True          # checkpoints: a stage-only model sets it False (load expects a subset)
+
+    def state_names(self) -> set[str]:
+        return set(self.state_dict())
 
     def num_parameters(self, active_only: bool = False) -> int:
         """All parameters, or those a single token uses (K_r of the N_r routed experts per MoE layer)."""

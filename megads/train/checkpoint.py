@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from megads.config import Config, dump_config, load_config
-from megads.shards import CheckpointFormatError, ShardedReader, ShardedWriter
+from megads.shards import CheckpointFormatError, ShardedReader, ShardedWriter, merge_indexes
 from parallel.topology import Topology, barrier
 
 MANIFEST = "COMPLETE"
@@ -66,9 +66,10 @@ def verify_manifest(directory: Path) -> dict:
     return manifest
 
 
-def write_model_weights(directory: Path, named_tensors, max_shard_bytes: Optional[int] = None) -> None:
+def write_model_weights(directory: Path, named_tensors, max_shard_bytes: Optional[int] = None,
+                        prefix: str = "model") -> None:
     kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-    with ShardedWriter(directory / "model", **kwargs) as writer:
+    with ShardedWriter(directory / "model", prefix=prefix, **kwargs) as writer:
         for name, tensor in named_tensors:
             writer.add(name, tensor)
 
@@ -88,6 +89,8 @@ def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model, optimi
 
     The model is stored unsharded (gathered across tensor/expert-parallel ranks, written by rank 0),
     so any layout can resume from it; the optimizer state is stored per rank (ZeRO-1 shards).
+    Under pipeline parallelism each stage's first rank writes the tensors its stages own under its
+    own prefix, and rank 0 merges the indexes into one: the directory looks the same either way.
     """
     final = checkpoints_dir / f"step_{step}"
     tmp = checkpoints_dir / f".step_{step}.tmp"
@@ -99,8 +102,9 @@ def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model, optimi
         (tmp / "config.yaml").write_text(dump_config(cfg))
     barrier(topo)
     state = model.full_state()  # every rank iterates it: gathering shards is a collective
-    if topo.rank == 0:
-        write_model_weights(tmp, state)
+    prefixes = ["model"] if topo.pp_size == 1 else [f"stage{r:03d}" for r in range(topo.pp_size)]
+    if topo.tp_rank == 0 and topo.dp_rank == 0:
+        write_model_weights(tmp, state, prefix=prefixes[topo.pp_rank])
     else:
         for _ in state:
             pass
@@ -109,6 +113,8 @@ def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model, optimi
         torch.save({"step": step, "world_size": topo.world_size, **trainer_state}, tmp / "trainer_state.pt")
     barrier(topo)
     if topo.rank == 0:
+        if topo.pp_size > 1:
+            merge_indexes(tmp / "model", prefixes, "model")
         finalize_directory(tmp, final, step)
         if keep > 0:
             for old in list_checkpoints(checkpoints_dir)[:-keep]:
@@ -149,12 +155,14 @@ def read_checkpoint_config(ckpt: Path) -> Config:
 def load_model_weights(ckpt: Path, model) -> None:
     """Fill `model` (of any parallel layout) from the checkpoint's full tensors, one at a time.
 
-    Names must match exactly; each rank copies its own shard of every tensor.
+    Names must match exactly (a pipeline rank's stages: every name they hold must be there); each
+    rank copies its own shard of every tensor.
     """
     reader = ShardedReader(ckpt / "model")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(reader.keys()))
-    unexpected = sorted(set(reader.keys()) - set(expected))
+    expected = model.state_names()
+    missing = sorted(expected - set(reader.keys()))
+    # A pipeline rank's stages are a subset of the model: the rest is not unexpected.
+    unexpected = sorted(set(reader.keys()) - expected) if model.whole_model else []
     if missing or unexpected:
         raise CheckpointFormatError(
             f"Checkpoint {ckpt} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "

@@ -32,7 +32,12 @@ def tensor_parallel_sharded(model: torch.nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if getattr(m, "tp_size", 1) > 1 and hasattr(m, "full_shape")}
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, topo: Topology = Topology()) -> DistributedOptimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, topo: Topology = Topology(),
+                    duplicated_elsewhere=None) -> DistributedOptimizer:
+    """AdamW for `model` (a DeepSeekV3, or this rank's pipeline stages) under `topo`'s layout.
+
+    `duplicated_elsewhere(p)`: parameters that are pipeline copies of one counted on another rank,
+    left out of the gradient norm (see PipelineStages.duplicated_elsewhere)."""
     for p in model.parameters():
         if p.dtype != torch.float32:
             raise TypeError(f"master weights must be FP32, found a {p.dtype} parameter")
@@ -45,6 +50,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, topo: Topology = T
     sharded = tensor_parallel_sharded(model) | expert_ids
     return DistributedOptimizer(
         groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-        data_parallel_group=topo.dp_group, model_parallel_group=topo.tp_group,
-        replicated_in_model_parallel=(lambda p: id(p) not in sharded) if topo.tp_size > 1 else None,
-        tensor_parallel_group=topo.tp_group)
+        data_parallel_group=topo.dp_group,
+        model_parallel_group=topo.model_parallel_group if topo.pp_size > 1 else topo.tp_group,
+        replicated_in_model_parallel=lambda p: topo.tp_size > 1 and id(p) not in sharded,
+        tensor_parallel_group=topo.tp_group, duplicated_elsewhere=duplicated_elsewhere)

@@ -27,6 +27,7 @@ from megads.model.model import DeepSeekV3, build_model
 from megads.train.checkpoint import list_checkpoints, load_checkpoint, read_checkpoint_config, save_checkpoint
 from megads.train.metrics import MetricsLogger, ProgressPrinter
 from megads.train.optimizer import build_optimizer
+from megads.train.pipeline import PipelineStages
 from megads.train.schedule import learning_rate
 from megads.fp8 import Fp8Config
 from megads.fp8.convert import convert_to_fp8, fp8_stats
@@ -52,11 +53,9 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _check_supported_layout(cfg: Config) -> None:
-    p = cfg.parallel
-    if p.pipeline_parallel > 1:
-        raise ConfigError("parallel.pipeline_parallel must be 1: pipeline schedules are not wired into "
-                          "`megads train` yet (tensor, sequence, expert and data parallelism are).")
+def _stage_models(model) -> list[torch.nn.Module]:
+    """The DeepSeekV3 modules of this rank: the model, or its pipeline stages."""
+    return list(model.models.values()) if isinstance(model, PipelineStages) else [model]
 
 
 def _check_resume_compatible(cfg: Config, ckpt: Path) -> None:
@@ -67,16 +66,22 @@ def _check_resume_compatible(cfg: Config, ckpt: Path) -> None:
                           f"differ); use a new train.output_dir or the same model settings.")
 
 
-def evaluate(model: DeepSeekV3, windows: PackedWindows, cfg: Config) -> float:
-    """Mean LM loss over the first `eval_batches` micro-batches of the held-out windows."""
+def evaluate(model: DeepSeekV3 | PipelineStages, windows: PackedWindows, cfg: Config) -> float:
+    """Mean LM loss over the first `eval_batches` micro-batches of the held-out windows (a
+    collective under model parallelism: every rank evaluates the same batches)."""
     model.eval()
     losses = []
     device = _device_of(model)
     with torch.no_grad(), _autocast(cfg, device):
         mbs = cfg.train.micro_batch_size
         for start in range(0, min(len(windows), cfg.train.eval_batches * mbs), mbs):
-            batch = torch.stack([windows[i] for i in range(start, min(start + mbs, len(windows)))]).to(device)
-            losses.append(model.compute_loss(batch[:, :-1], batch[:, 1:]).lm_loss.item())
+            if len(windows) - start < mbs:   # a pipeline's buffers are sized for full micro-batches
+                break
+            batch = torch.stack([windows[i] for i in range(start, start + mbs)]).to(device)
+            if isinstance(model, PipelineStages):
+                losses.append(model.eval_loss(batch[:, :-1], batch[:, 1:]))
+            else:
+                losses.append(model.compute_loss(batch[:, :-1], batch[:, 1:]).lm_loss.item())
     model.train()
     return sum(losses) / max(len(losses), 1)
 
@@ -86,13 +91,16 @@ class _StopRequested(Exception):
 
 
 def train(cfg: Config, log=print) -> TrainResult:
-    """Run (or resume) training; under torchrun every rank calls this with the same config."""
-    _check_supported_layout(cfg)
+    """Run (or resume) training; under torchrun every rank calls this with the same config.
+
+    The process group is started here if torchrun launched us and none exists, and then also
+    destroyed at the end; a caller's own process group is left to the caller."""
+    started_here = not torch.distributed.is_initialized()
     topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
     try:
         return _train(cfg, topo, log if topo.rank == 0 else (lambda *_: None))
     finally:
-        if topo.is_distributed:
+        if topo.is_distributed and started_here:
             destroy_distributed()
 
 
@@ -119,16 +127,24 @@ def _train(cfg: Config, topo: Topology, log) -> TrainResult:
     sampler = GlobalBatchSampler(len(train_windows), t.global_batch_size, t.seed)
 
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model, seed=t.seed, device=topo.device, tp_group=topo.tp_group,
-                        ep_group=topo.ep_group, sequence_parallel=topo.sequence_parallel)
+    if topo.pp_size > 1:
+        model = PipelineStages(cfg, topo)
+    else:
+        model = build_model(cfg.model, seed=t.seed, device=topo.device, tp_group=topo.tp_group,
+                            ep_group=topo.ep_group, sequence_parallel=topo.sequence_parallel)
     if cfg.fp8.enabled:
-        convert_to_fp8(model, fp8_config(cfg), log=log)
+        for stage_model in _stage_models(model):
+            convert_to_fp8(stage_model, fp8_config(cfg), log=log)
     model.train()
-    optimizer = build_optimizer(model, t, topo)
+    optimizer = build_optimizer(model, t, topo, duplicated_elsewhere=getattr(model, "duplicated_elsewhere", None))
     sp = " (SP)" if topo.sequence_parallel else ""
+    pp = ""
+    if topo.pp_size > 1:
+        pp = (f"PP {topo.pp_size} ({cfg.parallel.schedule}, stages {model.stage_ids} on pipeline rank 0, "
+              f"{model.num_microbatches} micro-batches) x ")
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on this rank; layout: {topo.world_size} ranks = "
-        f"TP {topo.tp_size}{sp} x DP {topo.dp_size} (EP {topo.ep_size}); data: {len(train_windows):,} training "
-        f"windows of {t.seq_length} tokens")
+        f"{pp}TP {topo.tp_size}{sp} x DP {topo.dp_size} (EP {topo.ep_size}); data: {len(train_windows):,} "
+        f"training windows of {t.seq_length} tokens")
 
     start_step = 0
     checkpoints_dir = out / "checkpoints"
@@ -184,7 +200,15 @@ def _train(cfg: Config, topo: Topology, log) -> TrainResult:
 def fp8_config(cfg: Config) -> Fp8Config:
     f = cfg.fp8
     return Fp8Config(backend=f.backend, accumulation=f.accumulation, promote_every=f.promote_every,
-                     pow2_scales=f.pow2_scales, cache_activations=f.cache_activations)
+                     pow2_scales=f.pow2_scales, cache_activations=f.cache_activations, dispatch=f.dispatch)
+
+
+def _sum_fp8_stats(model) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for stage_model in _stage_models(model):
+        for key, value in fp8_stats(stage_model, reset=True).items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
 
 
 def router_parameters(model: DeepSeekV3) -> list[torch.nn.Parameter]:
@@ -206,22 +230,34 @@ def train_step(model: DeepSeekV3, optimizer, cfg: Config, step: int,
 
     n = len(batches)
     sums: dict[str, float] = {}
-    tokens = 0
+    tokens = sum(input_ids.numel() for input_ids, _ in batches)
     device = _device_of(model)
-    for input_ids, labels in batches:
-        input_ids, labels = input_ids.to(device), labels.to(device)
+    pipelined = isinstance(model, PipelineStages)
+    if pipelined:
         with _autocast(cfg, device):
-            out = model.compute_loss(input_ids, labels)
-        (out.loss / n).backward()
-        tokens += input_ids.numel()
-        for key, value in [("loss", out.lm_loss), ("mtp_loss", out.mtp_loss), ("balance_loss", out.balance_loss),
-                           *[(f"mtp_loss_depth_{k}", v) for k, v in enumerate(out.mtp_losses, start=1)]]:
-            if value is not None:
-                sums[key] = sums.get(key, 0.0) + value.item() / n
-    fp8 = fp8_stats(model, reset=True) if cfg.fp8.enabled else None
+            sums = model.run(batches)
+    else:
+        for input_ids, labels in batches:
+            input_ids, labels = input_ids.to(device), labels.to(device)
+            with _autocast(cfg, device):
+                out = model.compute_loss(input_ids, labels)
+            (out.loss / n).backward()
+            for key, value in [("loss", out.lm_loss), ("balance_loss", out.balance_loss),
+                               *[(f"mtp_loss_depth_{k}", v) for k, v in enumerate(out.mtp_losses, start=1)]]:
+                if value is not None:
+                    sums[key] = sums.get(key, 0.0) + value.item() / n
+    fp8 = _sum_fp8_stats(model) if cfg.fp8.enabled else None
     if fp8 is not None:
         # Any inf/NaN met while quantizing makes the step non-finite: it is skipped and reported.
         sums["fp8_nonfinite"] = float(fp8["nonfinite"])
+    if pipelined:
+        # Each pipeline rank computed the losses of its stages: sum them over the pipeline, and
+        # add DualPipe's and the tied embedding's gradient copies.
+        sums = model.reduce_metrics(sums, extra_keys=("fp8_nonfinite",) if fp8 is not None else ())
+        model.finish_gradients()
+    depths = [v for k, v in sorted(sums.items()) if k.startswith("mtp_loss_depth_")]
+    if depths:
+        sums["mtp_loss"] = sum(depths) / len(depths)
     sums = _average_metrics(sums, topo)
     fp8_nonfinite = sums.pop("fp8_nonfinite", 0.0)
 
@@ -261,13 +297,15 @@ def train_step(model: DeepSeekV3, optimizer, cfg: Config, step: int,
 
 
 def _average_metrics(sums: dict[str, float], topo: Topology) -> dict[str, float]:
-    """Mean over data-parallel ranks; the balance loss is first summed over TP ranks (each holds 1/t of it)."""
+    """Mean over data-parallel ranks. The balance loss is first summed over TP ranks (each holds 1/t
+    of it), and so is the FP8 non-finite count: one TP rank's inf/NaN must skip the step on all."""
     if not topo.is_distributed or not sums:
         return sums
     keys = sorted(sums)
     values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=topo.device)
-    if "balance_loss" in sums:
-        balance = keys.index("balance_loss")
-        values[balance] = sum_over(values[balance:balance + 1], topo.tp_group)[0]
+    for key in ("balance_loss", "fp8_nonfinite"):
+        if key in sums:
+            i = keys.index(key)
+            values[i] = sum_over(values[i:i + 1], topo.tp_group)[0]
     values = sum_over(values, topo.dp_group) / topo.dp_size
     return dict(zip(keys, values.cpu().tolist()))

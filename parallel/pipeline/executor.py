@@ -677,38 +677,48 @@ def make_stage_modules(schedule: Schedule, rank: int, build_stage: Callable[[int
 
 
 def sum_duplicate_stage_grads(schedule: Schedule, rank: int, stage_modules: Mapping[int, nn.Module],
-                              pp_group=None) -> None:
+                              pp_group=None, buffers: Optional[Callable[[str], bool]] = None) -> None:
     """DualPipe: add each stage's two copies' gradients so both hold the sum (a no-op otherwise).
 
     Rank r's chunk 0 (stage r) is rank R-1-r's chunk 1 and vice versa; the two ranks exchange the
-    gradients of both chunks in one batched point-to-point and add. The two copies of a stage must
-    list the same parameters in the same order (same module class); a missing ``.grad`` counts as
-    zero (and is materialised).
-    Call it after ``run`` and before clipping and the optimizer step, on both ranks of each pair.
+    gradients of both chunks in one batched point-to-point and add. A tensor is named by (stage,
+    parameter name), so the two copies of a stage must name their parameters alike (same module
+    class). A parameter object shared by both chunks of a rank (e.g. one embedding used by the
+    first and the last stage) is exchanged and added once: it is named by the smallest of its
+    (stage, name) pairs, and the paired rank, sharing the same pair of stages, names its own
+    shared object the same. A missing ``.grad`` counts as zero (and is materialised).
+    ``buffers(name)``: buffers to sum the same way, in place (e.g. per-expert token counts that
+    both copies must agree on). Call it after ``run`` and before clipping and the optimizer step,
+    on both ranks of each pair.
     """
     if schedule.layout != "dualpipe":
         return
     peer = schedule.num_ranks - 1 - rank
     if peer == rank:
         return
-    mine = [[p for p in stage_modules[c].parameters() if p.requires_grad] for c in (0, 1)]
-    for params in mine:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-    outgoing = [p.grad.contiguous() for c in (0, 1) for p in mine[c]]
-    incoming = [torch.empty_like(p.grad) for c in (1, 0) for p in mine[c]]
+    tensors: Dict[int, Tuple[Tuple[int, str], torch.Tensor]] = {}
+    for chunk in (0, 1):
+        stage = schedule.stage_of(rank, chunk)
+        named = [(n, p) for n, p in stage_modules[chunk].named_parameters() if p.requires_grad]
+        if buffers is not None:
+            named += [(n, b) for n, b in stage_modules[chunk].named_buffers() if buffers(n)]
+        for name, t in named:
+            if isinstance(t, nn.Parameter) and t.grad is None:
+                t.grad = torch.zeros_like(t)
+            key = (stage, name)
+            if id(t) not in tensors or key < tensors[id(t)][0]:
+                tensors[id(t)] = (key, t)
+    ordered = [t for _, t in sorted(tensors.values(), key=lambda kt: kt[0])]
+    targets = [t.grad if isinstance(t, nn.Parameter) else t for t in ordered]
+    incoming = [torch.empty_like(t) for t in targets]
     global_peer = peer if pp_group is None else dist.get_global_rank(pp_group, peer)
-    # The peer sends its chunk 0 (= our chunk 1's stage) first, then its chunk 1 (= our chunk 0's).
-    ops = [dist.P2POp(dist.isend, t, global_peer, pp_group) for t in outgoing]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), global_peer, pp_group) for t in targets]
     ops += [dist.P2POp(dist.irecv, t, global_peer, pp_group) for t in incoming]
     for work in dist.batch_isend_irecv(ops):
         work.wait()
-    n = len(mine[1])                           # incoming: the peer's chunk 0 (our chunk 1's stage), then its chunk 1
-    for p, g in zip(mine[1], incoming[:n]):
-        p.grad.add_(g)
-    for p, g in zip(mine[0], incoming[n:]):
-        p.grad.add_(g)
+    with torch.no_grad():
+        for target, theirs in zip(targets, incoming):
+            target.add_(theirs)
 
 
 def pipeline_mean_loss(losses: Optional[List[Optional[torch.Tensor]]], num_microbatches: int,

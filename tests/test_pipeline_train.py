@@ -1,0 +1,177 @@
+"""Pipelined training steps equal the single-process step, for every schedule.
+
+`megads train`'s step (`train_step`) runs on `PipelineStages` over gloo ranks: the full model
+(MLA, a dense layer and MoE layers with balance loss and aux-free bias update, MTP with the shared
+embedding, ZeRO-1 AdamW with clipping active) is cut into the schedule's stages, and one step is
+compared with the single-process step on the same global batch:
+
+- the step's loss, MTP loss, balance loss and gradient norm: relative 1e-5;
+- every parameter's gradient (after the copies of the embedding and DualPipe's stage copies were
+  summed), each owned by exactly one pipeline rank: relative 1e-5 (max |a - b| / max |b|);
+- every parameter and router bias after the AdamW step: 2e-3 (one Adam step moves each element by
+  about lr, so rounding noise in a near-zero gradient can show; tests/test_layouts.py explains).
+
+Schedules run at PP 2 and 4 with the minimum number of micro-batches, twice it and an awkward
+count; then a world of 8 ranks combines PP 2 with TP 2, DP 2 and EP 2. One group of rank
+processes runs all cases of one layout, so processes start once per layout.
+"""
+
+import pytest
+import torch
+
+from megads.config import config_from_dict
+from megads.model.model import build_model
+from megads.train.optimizer import build_optimizer
+from megads.train.pipeline import PipelineStages
+from megads.train.trainer import train_step
+from parallel.distributed_testing import run_distributed
+from parallel.topology import Topology, init_distributed
+
+MODEL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=8, first_k_dense_replace=1, intermediate_size=48,
+             num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+             v_head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+             n_group=2, topk_group=1, routed_scaling_factor=2.0, num_nextn_predict_layers=1, aux_loss_alpha=0.01,
+             bias_update_speed=0.01)
+SEQ = 8
+TRAIN = dict(seq_length=SEQ, lr=0.01, warmup_steps=0, max_steps=1, grad_clip=0.05, seed=7)
+RTOL = 1e-5
+PARAM_TOLERANCE = 2e-3
+
+
+def make_config(schedule="1f1b", pp=1, n=1, mbs=1, dp=1, tp=1, ep=1, virtual=2):
+    return config_from_dict({
+        "model": MODEL, "train": {**TRAIN, "global_batch_size": n * mbs * dp, "micro_batch_size": mbs},
+        "parallel": {"pipeline_parallel": pp, "schedule": schedule, "tensor_parallel": tp, "expert_parallel": ep,
+                     "virtual_stages": virtual if schedule == "interleaved-1f1b" else 1}})
+
+
+def global_batch(size):
+    gen = torch.Generator().manual_seed(100 + size)
+    return torch.randint(0, MODEL["vocab_size"], (size, SEQ + 1), generator=gen)
+
+
+def my_micro_batches(batch, dp_rank, dp_size, mbs):
+    share = batch.shape[0] // dp_size
+    mine = batch[dp_rank * share:(dp_rank + 1) * share]
+    return [(mine[i:i + mbs, :-1], mine[i:i + mbs, 1:]) for i in range(0, share, mbs)]
+
+
+RECORD_KEYS = ("loss", "mtp_loss", "balance_loss", "grad_norm", "skipped")
+
+
+def one_step(cfg, topo, model):
+    optimizer = build_optimizer(model, cfg.train, topo, duplicated_elsewhere=getattr(model, "duplicated_elsewhere",
+                                                                                     None))
+    batches = my_micro_batches(global_batch(cfg.train.global_batch_size), topo.dp_rank, topo.dp_size,
+                               cfg.train.micro_batch_size)
+    record = train_step(model, optimizer, cfg, 0, batches, topo)
+    return {k: record[k] for k in RECORD_KEYS}, record.get("expert_load_max_over_mean", {})
+
+
+def reference_step(n, mbs=1):
+    """Single process: the record, gradients and parameters after one step on the same batch."""
+    cfg = make_config(n=n, mbs=mbs)
+    model = build_model(cfg.model, seed=cfg.train.seed).train()
+    record, imbalance = one_step(cfg, Topology(), model)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    state = {name: t.clone() for name, t in model.full_state()}
+    return record, imbalance, grads, state
+
+
+def pipeline_cases_worker(cases, layout):
+    """One rank: run each (schedule, n) case; return per case the record, the gradients of the
+    parameters this rank owns (only without TP/EP, where a local gradient is the full one), and
+    the full tensors this rank writes to a checkpoint."""
+    results = []
+    for schedule, n in cases:
+        cfg = make_config(schedule, n=n, **layout)
+        topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
+        model = PipelineStages(cfg, topo).train()
+        record, imbalance = one_step(cfg, topo, model)
+        plain = topo.tp_size == 1 and topo.ep_size == 1 and topo.dp_size == 1
+        grads = {name: p.grad.clone() for name, p, owned in model.named_owned_parameters() if owned} if plain else {}
+        state = {}
+        for name, t in model.full_state():
+            assert name not in state, f"{name} written twice"
+            state[name] = t.clone()
+        writes = topo.tp_rank == 0 and topo.dp_rank == 0
+        results.append((record, imbalance, grads, state if writes else {}))
+    return results
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def schedule_cases(pp):
+    """(schedule, micro-batches): the minimum, twice it, and an awkward valid count."""
+    return [("1f1b", 1), ("1f1b", 2), ("1f1b", 5),
+            ("interleaved-1f1b", pp), ("interleaved-1f1b", 2 * pp), ("interleaved-1f1b", 3 * pp),
+            ("zbh1", 1), ("zbh1", 2), ("zbh1", 2 * pp + 1),
+            ("dualpipe", 2 * pp), ("dualpipe", 4 * pp), ("dualpipe", 2 * pp + 2),
+            ("dualpipev", 2 * pp), ("dualpipev", 4 * pp), ("dualpipev", 2 * pp + 1)]
+
+
+_references = {}
+
+
+def reference(n, mbs=1):
+    if (n, mbs) not in _references:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _references[(n, mbs)] = reference_step(n, mbs)
+        finally:
+            torch.set_num_threads(threads)
+    return _references[(n, mbs)]
+
+
+def check_case(case, rank_results, n, mbs=1, check_grads=True):
+    want_record, want_imbalance, want_grads, want_state = reference(n, mbs)
+    records = [r[0] for r in rank_results]
+    assert all(r == records[0] for r in records), (case, "every rank reports the same metrics")
+    got = records[0]
+    assert not got["skipped"] and not want_record["skipped"]
+    for key in RECORD_KEYS[:-1]:
+        assert got[key] == pytest.approx(want_record[key], rel=RTOL), (case, key)
+    assert want_record["grad_norm"] > TRAIN["grad_clip"]            # clipping was active
+    imbalance = rank_results[0][1]
+    assert imbalance.keys() == want_imbalance.keys()
+    for name in imbalance:
+        assert imbalance[name] == pytest.approx(want_imbalance[name], rel=RTOL), (case, name)
+    if check_grads:
+        grads = {}
+        for _, _, rank_grads, _ in rank_results:
+            assert not grads.keys() & rank_grads.keys(), (case, "a gradient owned twice")
+            grads.update(rank_grads)
+        assert grads.keys() == want_grads.keys(), case
+        for name, want in want_grads.items():
+            assert rel_err(grads[name], want) <= RTOL, (case, "gradient", name)
+    state = {}
+    for _, _, _, rank_state in rank_results:
+        assert not state.keys() & rank_state.keys(), (case, "a tensor written twice")
+        state.update(rank_state)
+    assert state.keys() == want_state.keys(), case
+    for name, want in want_state.items():
+        assert rel_err(state[name], want) <= PARAM_TOLERANCE, (case, "after the step", name,
+                                                                rel_err(state[name], want))
+    biases = [t for name, t in want_state.items() if name.endswith("e_score_correction_bias")]
+    assert sum(b.abs().sum() for b in biases) > 0              # the aux-free biases moved
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_every_schedule_matches_single_process(pp):
+    cases = schedule_cases(pp)
+    results = run_distributed(pipeline_cases_worker, pp, args=(cases, {"pp": pp}), timeout_s=600)
+    for i, case in enumerate(cases):
+        check_case(case, [rank_results[i] for rank_results in results], case[1])
+
+
+def test_pipeline_with_tensor_expert_and_data_parallel():
+    """World 8 = PP 2 x TP 2 x DP 2 with EP 2 (experts split over the stage's TP x DP ranks)."""
+    layout = {"pp": 2, "tp": 2, "dp": 2, "ep": 2, "mbs": 2}
+    cases = [("1f1b", 2), ("zbh1", 3), ("interleaved-1f1b", 2), ("dualpipe", 4), ("dualpipev", 4)]
+    results = run_distributed(pipeline_cases_worker, 8, args=(cases, layout),
+                              timeout_s=600)
+    for i, case in enumerate(cases):
+        check_case(case, [rank_results[i] for rank_results in results], case[1] * 2, mbs=2, check_grads=False)
