@@ -159,6 +159,9 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.95, "AdamW beta2.")
     adam_eps: float = _f(1e-8, "AdamW epsilon.")
+    adam_moments: Literal["fp32", "bf16"] = _f(
+        "fp32", "Storage of AdamW's moments: fp32, or bf16 (DeepSeek-V3's choice: half the memory; the update "
+        "is computed in FP32).")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 disables clipping).")
     precision: Literal["fp32", "bf16"] = _f(
         "fp32", "Compute precision: fp32, or bf16 autocast (weights and optimizer stay FP32 masters).")

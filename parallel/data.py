@@ -290,7 +290,8 @@ class _ShardedGroup:
     """One param group: its layout, gradient buffers and this rank's shard of the optimizer state."""
 
     def __init__(self, params: list[nn.Parameter], group: ProcessGroup | None, grad_divisor: int,
-                 bucket_size: int, decays: Callable[[nn.Parameter], bool], counted: Callable[[nn.Parameter], bool]):
+                 bucket_size: int, decays: Callable[[nn.Parameter], bool], counted: Callable[[nn.Parameter], bool],
+                 moments_dtype: torch.dtype = torch.float32):
         self.params = params
         self.group = group
         self.size = group_size(group)
@@ -309,8 +310,10 @@ class _ShardedGroup:
             first = params[bucket.slots[0].index]
             self.grad_buffers.append(torch.zeros(bucket.padded_numel, dtype=first.dtype, device=first.device))
             self.grad_shards.append(torch.empty(bucket.shard_numel, dtype=first.dtype, device=first.device))
-            for state in (self.master, self.exp_avg, self.exp_avg_sq):  # fp32, this rank's shard only
-                state.append(torch.zeros(bucket.shard_numel, dtype=torch.float32, device=first.device))
+            # this rank's shard only: FP32 masters, moments in moments_dtype
+            self.master.append(torch.zeros(bucket.shard_numel, dtype=torch.float32, device=first.device))
+            for state in (self.exp_avg, self.exp_avg_sq):
+                state.append(torch.zeros(bucket.shard_numel, dtype=moments_dtype, device=first.device))
             self.decay_ranges.append(_merge([(a, b) for slot, a, b, _ in segments if decays(params[slot.index])]))
             counted_ranges = [(a, b) for slot, a, b, _ in segments if counted(params[slot.index])]
             everything = all(counted(params[slot.index]) for slot in bucket.slots)
@@ -446,6 +449,8 @@ class DistributedOptimizer:
     `model_parallel_group`, `replicated_in_model_parallel`, `tensor_parallel_group`: the norm's second
         all-reduce, and which parameters count on one of their model-parallel copies only.
     `duplicated_elsewhere(p)`: True for a pipeline copy of a parameter counted on another rank.
+    `moments_dtype`: storage of AdamW's two moments (torch.float32, or torch.bfloat16 to halve
+        their memory as DeepSeek-V3 does); the update itself is computed in FP32 either way.
     """
 
     def __init__(self, param_groups: Sequence[DataParallelParams | tuple], *, lr: float = 1e-3,
@@ -455,7 +460,10 @@ class DistributedOptimizer:
                  model_parallel_group: ProcessGroup | None = None,
                  replicated_in_model_parallel: Callable[[nn.Parameter], bool] | None = None,
                  tensor_parallel_group: ProcessGroup | None = None,
-                 duplicated_elsewhere: Callable[[nn.Parameter], bool] | None = None):
+                 duplicated_elsewhere: Callable[[nn.Parameter], bool] | None = None,
+                 moments_dtype: torch.dtype = torch.float32):
+        if moments_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"moments_dtype must be torch.float32 or torch.bfloat16, got {moments_dtype}.")
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
             if value < 0:
                 raise ValueError(f"{name} must be non-negative, got {value}.")
@@ -486,7 +494,8 @@ class DistributedOptimizer:
             divisor = group_size(entry.group) if entry.grad_divisor is None else entry.grad_divisor
             if divisor < 1:
                 raise ValueError(f"grad_divisor of param group {k} must be at least 1, got {divisor}.")
-            self._groups.append(_ShardedGroup(params, entry.group, divisor, bucket_size, decays, counted))
+            self._groups.append(_ShardedGroup(params, entry.group, divisor, bucket_size, decays, counted,
+                                              moments_dtype))
             self.param_groups.append({"params": params, "lr": lr, "betas": tuple(betas), "eps": eps,
                                       "weight_decay": weight_decay})
         self.data_parallel_group = entries[0].group if data_parallel_group is None else data_parallel_group
@@ -550,15 +559,20 @@ class DistributedOptimizer:
         bias_correction2 = 1 - beta2 ** step
         step_size = lr / bias_correction1
         bias_correction2_sqrt = bias_correction2 ** 0.5
-        for master, exp_avg, exp_avg_sq, grad, decay in zip(g.master, g.exp_avg, g.exp_avg_sq, grads,
-                                                             g.decay_ranges):
+        for master, stored_avg, stored_avg_sq, grad, decay in zip(g.master, g.exp_avg, g.exp_avg_sq, grads,
+                                                                   g.decay_ranges):
             if wd != 0:
                 for a, b in decay:
                     master[a:b].mul_(1 - lr * wd)
+            # Low-precision moments: update FP32 copies, step with them, store them rounded.
+            exp_avg, exp_avg_sq = stored_avg.float(), stored_avg_sq.float()
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             master.addcdiv_(exp_avg, denom, value=-step_size)
+            if stored_avg.dtype != torch.float32:
+                stored_avg.copy_(exp_avg)
+                stored_avg_sq.copy_(exp_avg_sq)
 
     @torch.no_grad()
     def reload_model_params(self) -> None:
@@ -645,7 +659,7 @@ class DistributedOptimizer:
                     if root:
                         for slot in bucket.slots:
                             value = full[slot.offset:slot.offset + slot.numel].view(g.params[slot.index].shape)
-                            per_param[slot.index]["param" if name == "master" else name] = value.clone()
+                            per_param[slot.index]["param" if name == "master" else name] = value.float().clone()
             full_groups.append(per_param)
         return {"format": _FULL_STATE_FORMAT, "steps": self.steps,
                 "param_groups": [{k: v for k, v in h.items() if k != "params"} for h in self.param_groups],

@@ -196,3 +196,14 @@ def test_pipelined_training_matches_single_process_and_resumes(tmp_path, cache_d
     c = final_weights(resumed)
     for name in a:
         assert torch.equal(a[name], c[name]), name
+
+
+def test_bf16_adam_moments_from_the_config(tmp_path, cache_dir):
+    from megads.model.model import build_model
+    from megads.train.optimizer import build_optimizer
+
+    cfg = tiny_config(tmp_path, cache_dir, "train.adam_moments=bf16")
+    optimizer = build_optimizer(build_model(cfg.model), cfg.train)
+    shards = optimizer.state_dict()["shards"]
+    assert {t.dtype for s in shards for t in s["exp_avg"] + s["exp_avg_sq"]} == {torch.bfloat16}
+    assert {t.dtype for s in shards for t in s["master"]} == {torch.float32}

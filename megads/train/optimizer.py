@@ -53,4 +53,5 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, topo: Topology = T
         data_parallel_group=topo.dp_group,
         model_parallel_group=topo.model_parallel_group if topo.pp_size > 1 else topo.tp_group,
         replicated_in_model_parallel=lambda p: topo.tp_size > 1 and id(p) not in sharded,
-        tensor_parallel_group=topo.tp_group, duplicated_elsewhere=duplicated_elsewhere)
+        tensor_parallel_group=topo.tp_group, duplicated_elsewhere=duplicated_elsewhere,
+        moments_dtype=torch.bfloat16 if cfg.adam_moments == "bf16" else torch.float32)
