@@ -36,34 +36,22 @@ from megads.config import ConfigError, config_from_dict
 from megads.fp8 import Fp8Config, convert_to_fp8, found_nonfinite, fp8_stats, nonfinite_layers
 from megads.fp8.dispatch import Fp8DispatchCodec, dispatch_row_bytes, pack_for_dispatch, unpack_after_dispatch
 from megads.model.model import build_model, gather_full
-from megads.model.moe import MoE, Router, grouped_swiglu
+from megads.model.moe import MoE, grouped_swiglu
 from megads.train.optimizer import expert_parameters
 from parallel.comm_stats import count_collectives
 from parallel.data import allreduce_gradients
 from parallel.distributed_testing import run_distributed
 from parallel.expert import AllToAllTokenDispatcher, LocalTokenDispatcher, make_token_dispatcher
 from parallel.topology import Topology, init_distributed
+from test_fp8_model import calc_diff, pin_routing, record_routing
 
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if b.numel() == 0:
         return 0.0
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
-def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double(), y.double()
-    return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
 
 
 # ============================================================================ the dispatcher
@@ -274,27 +262,6 @@ def test_model_ep2_with_fp8_dispatch_matches_ep1():
     assert max(expert_diffs.values()) <= 2e-3, expert_diffs
     print(f"EP 2 vs EP 1 (FP8 dispatch): max rel err {max(errs.values()):.1e} over {len(errs)} non-expert "
           f"gradients; routed-expert weight gradient calc_diff max {max(expert_diffs.values()):.1e}")
-
-
-def record_routing(model):
-    choices = []
-    handles = [m.register_forward_hook(lambda mod, inp, out: choices.append(out[0]))
-               for m in model.modules() if isinstance(m, Router)]
-    return choices, handles
-
-
-def pin_routing(model, choices):
-    """Routers pick `choices` (in call order); gates still come from their own scores."""
-    it = iter(choices)
-
-    def hook(router, inp, out):
-        idx, scores = next(it), out[2]
-        gates = scores.gather(1, idx)
-        if router.norm_topk_prob:
-            gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
-        return idx, gates * router.routed_scaling_factor, scores
-
-    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, Router)]
 
 
 def loss_and_grads(model, ids):

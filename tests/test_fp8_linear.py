@@ -21,12 +21,8 @@ from megads.fp8 import (
     get_backend,
     reset_stats,
 )
+from test_fp8_model import calc_diff
 
-
-
-def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double(), y.double()
-    return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
 
 
 def inputs(kind: str, T: int, K: int, seed: int) -> torch.Tensor:

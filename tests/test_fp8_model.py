@@ -49,14 +49,6 @@ from parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParall
 BATCH, SEQ = 4, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**changes):
     model = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, first_k_dense_replace=1, intermediate_size=48,
                  num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,

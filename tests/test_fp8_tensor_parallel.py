@@ -51,6 +51,7 @@ from parallel.tensor import (
     shard_for_rank,
 )
 from parallel.topology import Topology, init_distributed
+from test_fp8_model import calc_diff
 
 TOL = 1e-5
 COMMON = dict(vocab_size=64, num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=4,
@@ -67,21 +68,8 @@ SMALL = dict(COMMON, hidden_size=32, intermediate_size=48, num_attention_heads=2
 TRAIN = dict(global_batch_size=2, micro_batch_size=2, seq_length=16, seed=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
-def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double(), y.double()
-    return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
 
 
 def randn(*shape, seed, scale=1.0):
