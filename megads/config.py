@@ -457,6 +457,9 @@ def _parallel_rules(p: ParallelConfig, m: ModelConfig, t: TrainConfig):
         yield m.num_hidden_layers >= 2 * pp, (
             f"model.num_hidden_layers ({m.num_hidden_layers}) must be at least 2 x parallel.pipeline_parallel "
             f"({2 * pp}): dualpipev places two stages on every rank.")
+    yield not p.overlap or (p.schedule in ("dualpipe", "dualpipev") and pp > 1), (
+        f"parallel.overlap overlaps DualPipe's fused forward-backward pairs: it needs parallel.schedule dualpipe or "
+        f"dualpipev and pipeline_parallel > 1 (got {p.schedule}, {pp}).")
     if p.schedule == "dualpipe":
         yield p.pipeline_parallel % 2 == 0, (
             f"parallel.schedule dualpipe needs an even parallel.pipeline_parallel, got {p.pipeline_parallel}.")

@@ -14,6 +14,10 @@ in high precision. Autograd treats encode-then-decode as the identity (straight-
 gradient reaching the decoded tokens is passed unchanged to the tokens that were encoded. The
 local dispatcher (expert-parallel size 1) has nothing to send but applies the same round trip, so
 a run's numbers do not depend on the expert-parallel size.
+
+Every collective here resolves its group through `parallel.lanes.lane_group` when it is issued
+(the exchanges' backward resolves ``ctx.group`` again), so that an overlapped F&B pair's backward
+half communicates on twin groups (parallel/lanes.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+
+from parallel.lanes import lane_group
 
 
 class TokenCodec(Protocol):
@@ -116,7 +122,8 @@ def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[in
     output_splits[i] rows come from group rank i. Zero-row tensors and zero splits are fine."""
     x = x.contiguous()  # gloo reads a strided tensor's memory as if it were contiguous
     out = x.new_empty((sum(output_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x, output_split_sizes=output_splits, input_split_sizes=input_splits, group=group)
+    dist.all_to_all_single(out, x, output_split_sizes=output_splits, input_split_sizes=input_splits,
+                           group=lane_group(group))
     return out
 
 
@@ -248,7 +255,7 @@ class AllToAllTokenDispatcher:
 
         # 2. Exchange counts: rank s sends rank d its counts for d's experts; received [source, local expert].
         recv_counts = torch.empty_like(local_counts)
-        dist.all_to_all_single(recv_counts, local_counts.contiguous(), group=self.ep_group)
+        dist.all_to_all_single(recv_counts, local_counts.contiguous(), group=lane_group(self.ep_group))
         recv_counts = recv_counts.view(ep, nle)
         # One host sync for both split lists.
         splits = torch.cat([local_counts.view(ep, nle).sum(1), recv_counts.sum(1)]).tolist()
@@ -288,7 +295,7 @@ class AllToAllTokenDispatcher:
     def global_tokens_per_expert(self, state: AllToAllDispatchState) -> torch.Tensor:
         """Slots per global expert [E] summed over the EP group's ranks (a collective; not differentiable)."""
         counts = state.local_tokens_per_expert.clone()
-        dist.all_reduce(counts, group=self.ep_group)
+        dist.all_reduce(counts, group=lane_group(self.ep_group))
         return counts
 
 

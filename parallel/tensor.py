@@ -37,6 +37,10 @@ replicated across the TP group but used on sequence chunks (norm weights, the ro
 down-projections) get gradients from this rank's tokens only; `allreduce_sequence_parallel_grads`
 sums them over the TP group before the optimizer step. Without SP those gradients are already
 complete on every rank (the inputs of TP regions carry the all-reduced gradient).
+
+Every collective here resolves its group through `parallel.lanes.lane_group` when it is issued
+(autograd Functions keep the group given to them and resolve it again in backward), so that an
+overlapped F&B pair's backward half communicates on twin groups (parallel/lanes.py).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from parallel.lanes import lane_group
 
 ProcessGroup = dist.ProcessGroup
 
@@ -92,7 +98,7 @@ def _all_gather_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup) -> tor
     size = tp_size(group)
     front = x.movedim(dim, 0).contiguous()  # collectives concatenate along the leading dim
     out = front.new_empty((size * front.shape[0], *front.shape[1:]))
-    _all_gather_single(out, front, group=group)
+    _all_gather_single(out, front, group=lane_group(group))
     # contiguous: callers (and model code doing .view) should not see a strided result
     return out.movedim(0, dim).contiguous()
 
@@ -103,7 +109,7 @@ def _reduce_scatter_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup) ->
     front = x.movedim(dim, 0).contiguous()
     block = _divide(front.shape[0], size, f"dimension {dim} of the reduce-scattered tensor")
     out = front.new_empty((block, *front.shape[1:]))
-    _reduce_scatter_single(out, front, group=group)
+    _reduce_scatter_single(out, front, group=lane_group(group))
     return out.movedim(0, dim).contiguous()
 
 
@@ -115,7 +121,7 @@ def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     copy is contiguous: gloo silently reduces a strided tensor's memory as if it were contiguous.
     """
     out = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, group=group)
+    dist.all_reduce(out, group=lane_group(group))
     return out
 
 
@@ -355,7 +361,8 @@ def allreduce_sequence_parallel_grads(params: Iterable[nn.Parameter], group: Pro
         if p.grad is None:
             continue
         if p.grad.is_contiguous():
-            dist.all_reduce(p.grad, group=group)  # .grad is owned by the parameter: in place is safe
+            # .grad is owned by the parameter: in place is safe
+            dist.all_reduce(p.grad, group=lane_group(group))
         else:
             # gloo reduces a strided tensor's underlying memory as if it were contiguous (silently
             # wrong), so reduce a contiguous copy.
@@ -586,7 +593,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
         # Global max for a numerically stable softmax (a constant shift: no gradient flows through it).
         max_logits = logits.max(dim=-1).values
-        dist.all_reduce(max_logits, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(max_logits, op=dist.ReduceOp.MAX, group=lane_group(group))
         shifted = logits - max_logits.unsqueeze(-1)
 
         ignored = labels == ignore_index
@@ -600,7 +607,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sum_exp = exp.sum(dim=-1)
         # One all-reduce for both sums: these collectives are latency-bound (N numbers each).
         stats = torch.stack((sum_exp, target))
-        dist.all_reduce(stats, group=group)
+        dist.all_reduce(stats, group=lane_group(group))
         sum_exp, target = stats[0], stats[1]
 
         loss = torch.where(ignored, torch.zeros_like(target), sum_exp.log() - target)

@@ -403,6 +403,7 @@ RULE_CASES = [
     ({P: {"pipeline_parallel": 8}}, "model.num_hidden_layers (4) must be at least"),
     ({P: {"pipeline_parallel": 2, "virtual_stages": 3}}, "model.num_hidden_layers (4) must be at least"),
     ({P: {"schedule": "dualpipe", "pipeline_parallel": 3}}, "dualpipe needs an even parallel.pipeline_parallel"),
+    ({P: {"overlap": True, "pipeline_parallel": 2}}, "parallel.overlap overlaps DualPipe's fused forward-backward"),
     ({P: {"sequence_parallel": True, "tensor_parallel": 2}, T: {"seq_length": 255}}, "train.seq_length (255)"),
     # ---- data
     ({D: {"max_bytes": 999}}, "data.max_bytes"),

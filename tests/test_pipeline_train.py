@@ -175,3 +175,23 @@ def test_pipeline_with_tensor_expert_and_data_parallel():
                               timeout_s=600)
     for i, case in enumerate(cases):
         check_case(case, [rank_results[i] for rank_results in results], case[1] * 2, mbs=2, check_grads=False)
+
+
+def test_layout_checks_the_derived_number_of_micro_batches():
+    """parallel.micro_batches null: the schedule's needs are checked against global batch / (DP x micro
+    batch) once the world size is known; a given value must agree with the batch sizes."""
+    from megads.config import ConfigError
+    from parallel.topology import validate_layout
+
+    cfg = make_config("dualpipe", pp=2, n=2)                    # 2 micro-batches, DualPipe needs 4
+    with pytest.raises(ConfigError, match=r"the number of micro-batches per step.* must be at least 2 x"):
+        validate_layout(cfg.parallel, cfg.model, cfg.train, world_size=2)
+    cfg = make_config("interleaved-1f1b", pp=2, n=3)
+    with pytest.raises(ConfigError, match="must be a multiple of parallel.pipeline_parallel"):
+        validate_layout(cfg.parallel, cfg.model, cfg.train, world_size=2)
+    cfg = make_config("1f1b", pp=2, n=4)
+    cfg.parallel.micro_batches = 3
+    with pytest.raises(ConfigError, match=r"parallel.micro_batches \(3\) must equal .* = 4"):
+        validate_layout(cfg.parallel, cfg.model, cfg.train, world_size=2)
+    cfg.parallel.micro_batches = 4
+    validate_layout(cfg.parallel, cfg.model, cfg.train, world_size=2)

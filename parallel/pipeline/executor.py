@@ -101,13 +101,15 @@ Overlap (FB)
 DualPipe's F&B pair overlaps the forward of one micro-batch with the backward of another so that
 the expert-parallel all-to-all (dispatch/combine) of one hides behind the computation of the
 other. Here FB calls ``fb_runner(run_forward, run_backward)`` with two closures; the default runs
-the forward, then the backward (no overlap: the right thing on CPU and for a first GPU version).
+the forward, then the backward (no overlap).
 An overlapping runner goes there, without touching the executor: split the two halves into
 chunks at their all-to-alls (e.g. make the MoE layers generators that ``yield`` after launching
 an async ``all_to_all_single(..., async_op=True)`` on a communication stream) and alternate:
 launch F's dispatch, compute B's chunk, wait F's dispatch, launch B's combine, compute F's
 experts, ... Both closures already do their own bookkeeping (stored activations, hand-overs,
 queued sends), so only the interleaving of their kernels changes.
+`parallel.pipeline.overlap.make_overlap_runner(topo)` is such a runner: the two halves run in two
+threads, and the backward half's TP/EP collectives go on twin process groups (`parallel/lanes.py`).
 
 DualPipe's duplicate stages
 ---------------------------
