@@ -16,6 +16,9 @@ count; then a world of 8 ranks combines PP 2 with TP 2, DP 2 and EP 2. One group
 processes runs all cases of one layout, so processes start once per layout.
 """
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -59,12 +62,40 @@ def my_micro_batches(batch, dp_rank, dp_size, mbs):
 RECORD_KEYS = ("loss", "mtp_loss", "balance_loss", "grad_norm", "skipped")
 
 
+class LiveSavedTensors:
+    """Counts the tensors autograd saved for backward that are still alive (saved as detached
+    aliases, so that counting never creates a reference cycle of its own)."""
+
+    def __init__(self):
+        self.live = 0
+
+    def _freed(self):
+        self.live -= 1
+
+    def pack(self, t):
+        if t.is_leaf and t.requires_grad:
+            return t
+        saved = t.detach()
+        self.live += 1
+        weakref.finalize(saved, self._freed)
+        return saved
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
 def one_step(cfg, topo, model):
     optimizer = build_optimizer(model, cfg.train, topo, duplicated_elsewhere=getattr(model, "duplicated_elsewhere",
                                                                                      None))
     batches = my_micro_batches(global_batch(cfg.train.global_batch_size), topo.dp_rank, topo.dp_size,
                                cfg.train.micro_batch_size)
-    record = train_step(model, optimizer, cfg, 0, batches, topo)
+    saved = LiveSavedTensors()
+    with saved.hooks():
+        record = train_step(model, optimizer, cfg, 0, batches, topo)
+    gc.collect()
+    # Every activation is freed by the end of the step, whatever the schedule (a split B/W backward
+    # keeps graphs whole until W: anything still referring to one would keep all its activations).
+    assert saved.live == 0, f"{saved.live} saved tensors outlive the step"
     return {k: record[k] for k in RECORD_KEYS}, record.get("expert_load_max_over_mean", {})
 
 

@@ -98,17 +98,21 @@ class SavedActivationMeter:
             del self._refs[key]
 
     def pack(self, t: torch.Tensor):
-        if not (t.is_leaf and t.requires_grad):
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key:
-                entry = self._refs.setdefault(key, [storage.nbytes(), 0])
-                if entry[1] == 0:
-                    self.live += entry[0]
-                    self.peak = max(self.peak, self.live)
-                entry[1] += 1
-                weakref.finalize(t, self._release, key)
-        return t
+        if t.is_leaf and t.requires_grad:
+            return t
+        # Keep a detached alias, not t itself: a saved *output* that is t still points to its grad_fn,
+        # a node -> saved tensor -> node cycle that nothing frees when the graph is retained (B/W split).
+        saved = t.detach()
+        storage = saved.untyped_storage()
+        key = storage.data_ptr()
+        if key:
+            entry = self._refs.setdefault(key, [storage.nbytes(), 0])
+            if entry[1] == 0:
+                self.live += entry[0]
+                self.peak = max(self.peak, self.live)
+            entry[1] += 1
+            weakref.finalize(saved, self._release, key)
+        return saved
 
     @staticmethod
     def unpack(t: torch.Tensor) -> torch.Tensor:

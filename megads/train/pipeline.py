@@ -80,6 +80,12 @@ class PipelineStage(nn.Module):
         balance = [m.balance_loss for m in self.model.moe_layers() if m.balance_loss is not None]
         return torch.stack(balance).sum() if balance else None
 
+    def _release_balance_losses(self) -> None:
+        """Drop the MoE layers' references to this forward's balance losses once used: they hold
+        the micro-batch's graph, which a split (B/W) backward keeps whole until no one refers to it."""
+        for m in self.model.moe_layers():
+            m.balance_loss = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.first:
             seq_length, ids, hidden = x.shape[1], x, None
@@ -89,6 +95,7 @@ class PipelineStage(nn.Module):
         h = self.model.hidden_states(ids, cos, sin, hidden)
         if not self.spec.last:
             balance = self._balance_loss()
+            self._release_balance_losses()
             if balance is not None:
                 self.record("balance_loss", balance)
                 if torch.is_grad_enabled():
@@ -100,6 +107,7 @@ class PipelineStage(nn.Module):
         input_ids, labels = target
         cos, sin = self.model.positions(input_ids.shape[1], h.device)
         out = self.model._losses(h, input_ids, labels, cos, sin)
+        self._release_balance_losses()
         self.record("loss", out.lm_loss)
         for depth, value in enumerate(out.mtp_losses, start=1):
             self.record(f"mtp_loss_depth_{depth}", value)
