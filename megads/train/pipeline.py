@@ -31,7 +31,6 @@ Placement of stages on ranks is the schedule's (`Schedule.stage_of`); the model 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -151,7 +150,7 @@ class PipelineStages:
         self._container = nn.ModuleList([built[s] for s in sorted(built)])
         for chunk in self.chunks.values():
             chunk.record = self._record
-        self._sums: dict[str, float] = defaultdict(float)
+        self._sums: dict[str, torch.Tensor] = {}
         # The embedding copy on the last stage that lives on another rank than stage 0's: its
         # gradient is exchanged with the first stage's.
         self._tied_embedding_peer: Optional[int] = None
@@ -176,7 +175,8 @@ class PipelineStages:
     # ------------------------------------------------------------------ the step
 
     def _record(self, key: str, value: torch.Tensor) -> None:
-        self._sums[key] += value.detach().item() / self.num_microbatches
+        # Summed on the device: one host sync per step (in run), not one per micro-batch.
+        self._sums[key] = self._sums.get(key, 0.0) + value.detach().double() / self.num_microbatches
 
     def _last_stage_loss(self, h: torch.Tensor, target) -> torch.Tensor:
         return self.chunks[self._last_chunk].loss(h, target)
@@ -193,13 +193,15 @@ class PipelineStages:
         if len(batches) != self.num_microbatches:
             raise ValueError(f"the pipeline schedule was built for {self.num_microbatches} micro-batches, got "
                              f"{len(batches)}.")
-        self._sums = defaultdict(float)
+        self._sums = {}
         for chunk in self.chunks.values():
             chunk.balance_scale = 1.0 / self.num_microbatches
         inputs = [ids for ids, _ in batches]
         targets = [(ids.to(self.topo.device), labels.to(self.topo.device)) for ids, labels in batches]
         self.executor.run(inputs, targets)
-        return dict(self._sums)
+        keys = list(self._sums)
+        values = torch.stack([self._sums[k] for k in keys]).tolist() if keys else []
+        return dict(zip(keys, values))
 
     def metric_keys(self) -> list[str]:
         """Every key any pipeline rank may report (the same list on all ranks)."""
