@@ -105,6 +105,10 @@ class ParallelConfig:
     sequence_parallel: bool = _f(False, "Shard activations along the sequence outside TP regions.")
     schedule: str = _f("1f1b", "Pipeline schedule: one of " + ", ".join(SCHEDULES) + ".")
     virtual_stages: int = _f(1, "Model chunks per pipeline rank (interleaved schedules).")
+    layers_per_stage: Optional[list[int]] = _f(
+        None, "Transformer layers of each pipeline stage in order (PP x virtual_stages stages for "
+        "interleaved-1f1b, 2 x PP for dualpipev, else PP), e.g. fewer on the first and last stages, which "
+        "also hold the embedding and the head + MTP; null: as even as possible.")
     overlap: bool = _f(False, "DualPipe(V): overlap the forward and the backward of a fused F&B pair, each one's "
                        "expert all-to-all running while the other computes.")
     micro_batches: Optional[int] = _f(
@@ -201,6 +205,8 @@ def _type_name(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is typing.Union:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).split(' ', 1)[-1]}s"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
         tp, str(tp))
 
@@ -224,6 +230,10 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}.")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}.")
+        return [_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}.")
@@ -414,6 +424,15 @@ def _train_rules(t: TrainConfig):
     yield t.num_threads is None or t.num_threads >= 1, f"train.num_threads must be null or at least 1, got {t.num_threads}."
 
 
+def pipeline_stage_count(p: ParallelConfig) -> int:
+    """How many stages the model is cut into under parallel.schedule."""
+    if p.schedule == "interleaved-1f1b":
+        return p.pipeline_parallel * p.virtual_stages
+    if p.schedule == "dualpipev":
+        return 2 * p.pipeline_parallel
+    return p.pipeline_parallel
+
+
 def micro_batch_rules(p: ParallelConfig, n: int):
     """What the pipeline schedule needs of the number of micro-batches per step, n (given by
     parallel.micro_batches, or derived from the batch sizes and the data-parallel size)."""
@@ -463,6 +482,12 @@ def _parallel_rules(p: ParallelConfig, m: ModelConfig, t: TrainConfig):
     if p.schedule == "dualpipe":
         yield p.pipeline_parallel % 2 == 0, (
             f"parallel.schedule dualpipe needs an even parallel.pipeline_parallel, got {p.pipeline_parallel}.")
+    if p.layers_per_stage is not None and pp > 1:
+        stages = pipeline_stage_count(p)
+        yield (len(p.layers_per_stage) == stages and sum(p.layers_per_stage) == m.num_hidden_layers
+               and min(p.layers_per_stage) >= 1), (
+            f"parallel.layers_per_stage {p.layers_per_stage} must give each of the {stages} pipeline stages of "
+            f"{p.schedule} at least one layer and sum to model.num_hidden_layers ({m.num_hidden_layers}).")
     if p.sequence_parallel:
         yield t.seq_length % tp == 0, (
             f"train.seq_length ({t.seq_length}) must be divisible by parallel.tensor_parallel ({tp}) "

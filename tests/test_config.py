@@ -404,6 +404,11 @@ RULE_CASES = [
     ({P: {"pipeline_parallel": 2, "virtual_stages": 3}}, "model.num_hidden_layers (4) must be at least"),
     ({P: {"schedule": "dualpipe", "pipeline_parallel": 3}}, "dualpipe needs an even parallel.pipeline_parallel"),
     ({P: {"overlap": True, "pipeline_parallel": 2}}, "parallel.overlap overlaps DualPipe's fused forward-backward"),
+    ({P: {"pipeline_parallel": 2, "layers_per_stage": [1, 2]}}, "parallel.layers_per_stage [1, 2] must give each"),
+    ({P: {"pipeline_parallel": 2, "schedule": "dualpipev", "layers_per_stage": [1, 3]}},
+     "each of the 4 pipeline stages of dualpipev"),
+    ({P: {"layers_per_stage": [1, "x"]}}, "parallel.layers_per_stage must be a list of integers or null, got [1, 'x']"),
+    ({P: {"layers_per_stage": 3}}, "parallel.layers_per_stage must be a list of integers or null"),
     ({P: {"sequence_parallel": True, "tensor_parallel": 2}, T: {"seq_length": 255}}, "train.seq_length (255)"),
     # ---- data
     ({D: {"max_bytes": 999}}, "data.max_bytes"),

@@ -41,11 +41,12 @@ RTOL = 1e-5
 PARAM_TOLERANCE = 2e-3
 
 
-def make_config(schedule="1f1b", pp=1, n=1, mbs=1, dp=1, tp=1, ep=1, virtual=2):
+def make_config(schedule="1f1b", pp=1, n=1, mbs=1, dp=1, tp=1, ep=1, virtual=2, layers=None):
     return config_from_dict({
         "model": MODEL, "train": {**TRAIN, "global_batch_size": n * mbs * dp, "micro_batch_size": mbs},
         "parallel": {"pipeline_parallel": pp, "schedule": schedule, "tensor_parallel": tp, "expert_parallel": ep,
-                     "virtual_stages": virtual if schedule == "interleaved-1f1b" else 1}})
+                     "virtual_stages": virtual if schedule == "interleaved-1f1b" else 1,
+                     "layers_per_stage": layers}})
 
 
 def global_batch(size):
@@ -114,8 +115,8 @@ def pipeline_cases_worker(cases, layout):
     parameters this rank owns (only without TP/EP, where a local gradient is the full one), and
     the full tensors this rank writes to a checkpoint."""
     results = []
-    for schedule, n in cases:
-        cfg = make_config(schedule, n=n, **layout)
+    for schedule, n, *layers in cases:          # an optional third item: parallel.layers_per_stage
+        cfg = make_config(schedule, n=n, layers=layers[0] if layers else None, **layout)
         topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
         model = PipelineStages(cfg, topo).train()
         record, imbalance = one_step(cfg, topo, model)
@@ -126,7 +127,8 @@ def pipeline_cases_worker(cases, layout):
             assert name not in state, f"{name} written twice"
             state[name] = t.clone()
         writes = topo.tp_rank == 0 and topo.dp_rank == 0
-        results.append((record, imbalance, grads, state if writes else {}))
+        layers = {stage: len(m.stage.layers) for stage, m in model.models.items()}
+        results.append((record, imbalance, grads, state if writes else {}, layers))
     return results
 
 
@@ -172,14 +174,14 @@ def check_case(case, rank_results, n, mbs=1, check_grads=True):
         assert imbalance[name] == pytest.approx(want_imbalance[name], rel=RTOL), (case, name)
     if check_grads:
         grads = {}
-        for _, _, rank_grads, _ in rank_results:
+        for _, _, rank_grads, _, _ in rank_results:
             assert not grads.keys() & rank_grads.keys(), (case, "a gradient owned twice")
             grads.update(rank_grads)
         assert grads.keys() == want_grads.keys(), case
         for name, want in want_grads.items():
             assert rel_err(grads[name], want) <= RTOL, (case, "gradient", name)
     state = {}
-    for _, _, _, rank_state in rank_results:
+    for _, _, _, rank_state, _ in rank_results:
         assert not state.keys() & rank_state.keys(), (case, "a tensor written twice")
         state.update(rank_state)
     assert state.keys() == want_state.keys(), case
@@ -196,6 +198,18 @@ def test_every_schedule_matches_single_process(pp):
     results = run_distributed(pipeline_cases_worker, pp, args=(cases, {"pp": pp}), timeout_s=600)
     for i, case in enumerate(cases):
         check_case(case, [rank_results[i] for rank_results in results], case[1])
+
+
+def test_explicit_layer_split():
+    """parallel.layers_per_stage: uneven stages (fewer layers where the embedding and head sit)."""
+    cases = [("zbh1", 3, [3, 5]), ("dualpipev", 4, [1, 3, 3, 1]), ("interleaved-1f1b", 2, [1, 3, 3, 1])]
+    results = run_distributed(pipeline_cases_worker, 2, args=(cases, {"pp": 2}), timeout_s=300)
+    for i, case in enumerate(cases):
+        check_case(case, [rank_results[i] for rank_results in results], case[1])
+        layers = {}
+        for rank_results in results:
+            layers.update(rank_results[i][4])
+        assert [layers[stage] for stage in sorted(layers)] == case[2]
 
 
 def test_pipeline_with_tensor_expert_and_data_parallel():

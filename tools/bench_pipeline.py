@@ -3,6 +3,7 @@
     python tools/bench_pipeline.py [--pp 4] [--schedules 1f1b,interleaved-1f1b,zbh1,dualpipe,dualpipev]
                                    [--micro-batches 8] [--micro-batch 1] [--seq 64] [--layers 8]
                                    [--dp 1] [--ep 1] [--overlap auto|on|off] [--steps 3] [--warmup 1]
+                                   [--layers-per-stage 1,3,3,1]
                                    [--config examples/configs/tiny.yaml]
 
 Each schedule runs `warmup + steps` full optimizer steps (megads.train.trainer.train_step on
@@ -25,6 +26,9 @@ it prints:
   include parameters, gradients and optimizer state.
 * sim act: the simulator's peak live (micro-batch, stage) activations on the busiest rank (units
   of one stage's activations for one micro-batch): the schedule's memory shape, for comparison.
+
+--layers-per-stage sets parallel.layers_per_stage for the schedules whose number of stages equals
+its length (PP for 1F1B, ZB-H1 and DualPipe), the others keep the even split.
 
 Overlap (DualPipe's F&B pairs): with --overlap auto, the DualPipe(V) rows run once without and once
 with `parallel.overlap` (parallel/pipeline/overlap.py: the two halves of an F&B pair run as two
@@ -129,6 +133,9 @@ def make_config(raw: dict, args, schedule: str, overlap: bool):
              "warmup_steps": 0, "precision": "fp32"}
     parallel = {"pipeline_parallel": args.pp, "schedule": schedule, "expert_parallel": args.ep,
                 "virtual_stages": 2 if schedule == "interleaved-1f1b" else 1, "overlap": overlap}
+    split = [int(n) for n in args.layers_per_stage.split(",")] if args.layers_per_stage else None
+    if split and len(split) == build_schedule(schedule, args.pp, args.micro_batches, 2).num_stages:
+        parallel["layers_per_stage"] = split
     return config_from_dict({"model": model, "train": train, "parallel": parallel})
 
 
@@ -204,6 +211,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--overlap", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--layers-per-stage", default=None, help="e.g. 1,3,3,1 (see above)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
@@ -221,17 +229,18 @@ def main() -> None:
             world = args.pp * args.dp
             results = run_distributed(bench_worker, world, args=(raw, args, schedule, overlap), timeout_s=1800)
             row = summarize(results, args, schedule)
-            row["name"] = schedule + (" +overlap" if overlap else "")
+            split = make_config(raw, args, schedule, overlap).parallel.layers_per_stage
+            row["name"] = schedule + (" +overlap" if overlap else "") + (f" [{','.join(map(str, split))}]" if split else "")
             runs.append(row)
             print(f"  {row['name']}: step {row['step']:.3f} s", file=sys.stderr, flush=True)
 
     print(f"\nPP {args.pp} x DP {args.dp} (EP {args.ep}), {args.micro_batches} micro-batches of {args.micro_batch} x "
           f"{args.seq} tokens, {args.layers} layers; mean of {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'schedule':<22}{'step s':>8}{'pipe s':>8}{'bubble':>8}{'sim':>7}{'act MB':>8}{'sim act':>8}"
+    print(f"{'schedule':<30}{'step s':>8}{'pipe s':>8}{'bubble':>8}{'sim':>7}{'act MB':>8}{'sim act':>8}"
           f"{'vs 1f1b':>9}{'both s':>8}")
-    base = next((r["step"] for r in runs if r["name"] == "1f1b"), runs[0]["step"])
+    base = next((r["step"] for r in runs if r["name"].split(" ")[0] == "1f1b"), runs[0]["step"])
     for r in runs:
-        print(f"{r['name']:<22}{r['step']:>8.3f}{r['pipe']:>8.3f}{r['bubble']:>8.1%}{r['sim']:>7.1%}"
+        print(f"{r['name']:<30}{r['step']:>8.3f}{r['pipe']:>8.3f}{r['bubble']:>8.1%}{r['sim']:>7.1%}"
               f"{r['act_mb']:>8.1f}{r['sim_act']:>8d}{base / r['step']:>9.2f}"
               + (f"{r['both']:>8.3f}" if r["name"].endswith("+overlap") else f"{'':>8}"))
     print("bubble: measured idle fraction of the pipeline run (mean over ranks); sim: the simulator's for the same "

@@ -26,7 +26,8 @@ the same optimizer step as the single-process one:
   ranks, which each computed their part.
 
 Placement of stages on ranks is the schedule's (`Schedule.stage_of`); the model is cut into
-`Schedule.num_stages` stages of contiguous layers (`stage_specs`, balanced).
+`Schedule.num_stages` stages of contiguous layers (`stage_specs`: ``parallel.layers_per_stage``,
+or as even as possible).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class PipelineStages:
         self.cfg, self.topo = cfg, topo
         self.num_microbatches = cfg.train.global_batch_size // (topo.dp_size * cfg.train.micro_batch_size)
         self.schedule = build_schedule(p.schedule, topo.pp_size, self.num_microbatches, p.virtual_stages)
-        self.specs = stage_specs(cfg.model, self.schedule.num_stages)
+        self.specs = stage_specs(cfg.model, self.schedule.num_stages, p.layers_per_stage)
         seed = cfg.train.seed if seed is None else seed
         rank = topo.pp_rank
         self.stage_ids = [self.schedule.stage_of(rank, c) for c in range(self.schedule.chunks_per_rank)]
