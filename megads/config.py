@@ -433,18 +433,19 @@ def pipeline_stage_count(p: ParallelConfig) -> int:
     return p.pipeline_parallel
 
 
-def micro_batch_rules(p: ParallelConfig, n: int):
+def micro_batch_rules(p: ParallelConfig, n: int, what: str = "parallel.micro_batches"):
     """What the pipeline schedule needs of the number of micro-batches per step, n (given by
-    parallel.micro_batches, or derived from the batch sizes and the data-parallel size)."""
+    parallel.micro_batches, or derived from the batch sizes and the data-parallel size: `what`
+    names it in the messages)."""
     pp = p.pipeline_parallel
     if pp == 1:
         return
     if p.schedule == "interleaved-1f1b":
-        yield n % pp == 0, (f"parallel.micro_batches ({n}) must be a multiple of parallel.pipeline_parallel "
+        yield n % pp == 0, (f"{what} ({n}) must be a multiple of parallel.pipeline_parallel "
                             f"({pp}) for interleaved-1f1b (otherwise its warm-up deadlocks).")
     if p.schedule in ("dualpipe", "dualpipev"):
         yield n >= 2 * pp and (n % 2 == 0 or p.schedule == "dualpipev"), (
-            f"parallel.micro_batches ({n}) must be at least 2 x parallel.pipeline_parallel ({2 * pp})"
+            f"{what} ({n}) must be at least 2 x parallel.pipeline_parallel ({2 * pp})"
             f"{' and even' if p.schedule == 'dualpipe' else ''} for {p.schedule}.")
 
 

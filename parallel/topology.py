@@ -82,10 +82,9 @@ def validate_layout(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_siz
                                 f"(data-parallel size x train.micro_batch_size) = {t.global_batch_size} / "
                                 f"({dp} x {t.micro_batch_size}) = {n}, or be null.")
             elif p.micro_batches is None:
-                problems += [message.replace("parallel.micro_batches", "the number of micro-batches per step, "
-                                             f"train.global_batch_size / (data-parallel size {dp} x "
-                                             "train.micro_batch_size),")
-                             for ok, message in micro_batch_rules(p, n) if not ok]
+                what = (f"the number of micro-batches per step, train.global_batch_size / (data-parallel size "
+                        f"{dp} x train.micro_batch_size),")
+                problems += [message for ok, message in micro_batch_rules(p, n, what) if not ok]
     # Without sequence parallelism MoE layers split whole sequences across TP ranks; with it each
     # TP rank already holds a chunk of every sequence (config requires seq_length % TP == 0).
     if p.tensor_parallel > 1 and not p.sequence_parallel and m.num_moe_layers + m.num_nextn_predict_layers > 0 \

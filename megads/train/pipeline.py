@@ -42,7 +42,7 @@ from megads.config import Config
 from megads.model.model import DeepSeekV3, StageSpec, build_model, stage_specs
 from megads.model.moe import MoE
 from parallel.pipeline import build_schedule
-from parallel.pipeline.executor import PipelineExecutor, sum_duplicate_stage_grads
+from parallel.pipeline.executor import PipelineExecutor, add_peer_tensors, sum_duplicate_stage_grads
 from parallel.topology import Topology
 
 EMBEDDING = "embed_tokens.weight"
@@ -226,13 +226,7 @@ class PipelineStages:
             embedding = self._embedding_parameter()
             if embedding.grad is None:
                 embedding.grad = torch.zeros_like(embedding)
-            theirs = torch.empty_like(embedding.grad)
-            peer = dist.get_global_rank(self.topo.pp_group, self._tied_embedding_peer)
-            ops = [dist.P2POp(dist.isend, embedding.grad.contiguous(), peer, self.topo.pp_group),
-                   dist.P2POp(dist.irecv, theirs, peer, self.topo.pp_group)]
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-            embedding.grad.add_(theirs)
+            add_peer_tensors([embedding.grad], self._tied_embedding_peer, self.topo.pp_group)
         sum_duplicate_stage_grads(self.schedule, self.topo.pp_rank, self.chunks, self.topo.pp_group,
                                   buffers=lambda name: name.endswith("tokens_per_expert"))
 
@@ -257,12 +251,14 @@ class PipelineStages:
 
     def named_owned_parameters(self) -> Iterator[tuple[str, nn.Parameter, bool]]:
         """(name, parameter, owned) for every parameter on this rank, each once."""
-        primary, seen = self._primary_stages(), {}
+        primary, first_name, owned = self._primary_stages(), {}, {}
         for stage in sorted(self.models):
             for name, p in self.models[stage].named_parameters():
-                owned = self._owner_stage(stage, name) in primary
-                seen[id(p)] = (name, p, owned or seen.get(id(p), (None, None, False))[2])
-        yield from seen.values()
+                first_name.setdefault(id(p), (name, p))
+                # a parameter shared by two stages (the embedding) is owned if either copy is
+                owned[id(p)] = owned.get(id(p), False) or self._owner_stage(stage, name) in primary
+        for key, (name, p) in first_name.items():
+            yield name, p, owned[key]
 
     def duplicated_elsewhere(self, p: nn.Parameter) -> bool:
         """True for a copy of a parameter whose gradient norm another pipeline rank counts."""
@@ -278,6 +274,9 @@ class PipelineStages:
 
     def modules(self) -> Iterator[nn.Module]:
         return self._container.modules()
+
+    def named_modules(self):
+        return self._container.named_modules()
 
     def train(self, mode: bool = True) -> "PipelineStages":
         self._container.train(mode)

@@ -203,14 +203,6 @@ def fp8_config(cfg: Config) -> Fp8Config:
                      pow2_scales=f.pow2_scales, cache_activations=f.cache_activations, dispatch=f.dispatch)
 
 
-def _sum_fp8_stats(model) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    for stage_model in _stage_models(model):
-        for key, value in fp8_stats(stage_model, reset=True).items():
-            totals[key] = totals.get(key, 0) + value
-    return totals
-
-
 def router_parameters(model: DeepSeekV3) -> list[torch.nn.Parameter]:
     return [moe.gate.weight for moe in model.moe_layers()]
 
@@ -246,7 +238,7 @@ def train_step(model: DeepSeekV3, optimizer, cfg: Config, step: int,
                                *[(f"mtp_loss_depth_{k}", v) for k, v in enumerate(out.mtp_losses, start=1)]]:
                 if value is not None:
                     sums[key] = sums.get(key, 0.0) + value.item() / n
-    fp8 = _sum_fp8_stats(model) if cfg.fp8.enabled else None
+    fp8 = fp8_stats(model, reset=True) if cfg.fp8.enabled else None
     if fp8 is not None:
         # Any inf/NaN met while quantizing makes the step non-finite: it is skipped and reported.
         sums["fp8_nonfinite"] = float(fp8["nonfinite"])

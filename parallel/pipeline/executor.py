@@ -144,7 +144,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .ops import Kind, Op, Schedule
 
-__all__ = ["PipelineExecutor", "OpTiming", "make_stage_modules", "sum_duplicate_stage_grads",
+__all__ = ["PipelineExecutor", "OpTiming", "make_stage_modules", "sum_duplicate_stage_grads", "add_peer_tensors",
            "pipeline_mean_loss", "WEIGHT_GRAD_MODES"]
 
 WEIGHT_GRAD_MODES = ("split", "recompute")
@@ -711,15 +711,20 @@ def sum_duplicate_stage_grads(schedule: Schedule, rank: int, stage_modules: Mapp
             if id(t) not in tensors or key < tensors[id(t)][0]:
                 tensors[id(t)] = (key, t)
     ordered = [t for _, t in sorted(tensors.values(), key=lambda kt: kt[0])]
-    targets = [t.grad if isinstance(t, nn.Parameter) else t for t in ordered]
-    incoming = [torch.empty_like(t) for t in targets]
-    global_peer = peer if pp_group is None else dist.get_global_rank(pp_group, peer)
-    ops = [dist.P2POp(dist.isend, t.contiguous(), global_peer, pp_group) for t in targets]
-    ops += [dist.P2POp(dist.irecv, t, global_peer, pp_group) for t in incoming]
+    add_peer_tensors([t.grad if isinstance(t, nn.Parameter) else t for t in ordered], peer, pp_group)
+
+
+def add_peer_tensors(tensors: Sequence[torch.Tensor], peer: int, group=None) -> None:
+    """Exchange ``tensors`` with rank ``peer`` of ``group`` (which calls this with tensors of the
+    same shapes, in the same order) and add the peer's to ours in place: both end with the sum."""
+    incoming = [torch.empty_like(t) for t in tensors]
+    global_peer = peer if group is None else dist.get_global_rank(group, peer)
+    ops = [dist.P2POp(dist.isend, t.contiguous(), global_peer, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, t, global_peer, group) for t in incoming]
     for work in dist.batch_isend_irecv(ops):
         work.wait()
     with torch.no_grad():
-        for target, theirs in zip(targets, incoming):
+        for target, theirs in zip(tensors, incoming):
             target.add_(theirs)
 
 
