@@ -1,7 +1,9 @@
 """Run configuration: dataclasses per section, loaded from YAML, validated before anything runs.
 
 Model field names follow Hugging Face's ``DeepseekV3Config`` wherever one exists, so a
-DeepSeek-V3 ``config.json`` maps onto :class:`ModelConfig` field for field. Every field carries
+DeepSeek-V3 ``config.json`` maps onto :class:`ModelConfig` field for field, and defaults too: a
+model field's default is the default of ``DeepseekV3Config()`` (DeepSeek-V3 itself, 671B), so a
+config file states every value of a smaller model (see examples/configs/tiny.yaml). Every field carries
 its documentation in ``metadata["help"]`` (printed by ``megads train --help-config``).
 
 Validation happens here, before any process group or tensor exists: an inconsistent value is
@@ -18,6 +20,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from parallel.pipeline.schedules import SCHEDULES  # torch-free
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, mistyped or inconsistent; the message names the field."""
@@ -32,27 +36,29 @@ def _f(default: Any, help: str, **kwargs) -> Any:
 
 @dataclass
 class ModelConfig:
-    """The DeepSeek-V3 architecture (names as in Hugging Face's DeepseekV3Config) plus training-only knobs."""
+    """The DeepSeek-V3 architecture (names and defaults as in Hugging Face's DeepseekV3Config) plus
+    training-only knobs (DeepSeek-V3's values). DeepseekV3Config keeps rope_theta inside rope_parameters,
+    whose rope_type "default" is rope_scaling null here."""
 
-    vocab_size: int = _f(8192, "Vocabulary size (rows of the embedding and of the output head).")
-    hidden_size: int = _f(256, "Model width d.")
-    num_hidden_layers: int = _f(4, "Number of transformer blocks of the main model (MTP blocks not counted).")
-    first_k_dense_replace: int = _f(1, "The first k blocks use a dense SwiGLU FFN, the rest DeepSeekMoE.")
-    intermediate_size: int = _f(704, "Hidden width of the dense SwiGLU FFN of the first k blocks.")
-    num_attention_heads: int = _f(8, "Number of attention heads n_h.")
+    vocab_size: int = _f(129280, "Vocabulary size (rows of the embedding and of the output head).")
+    hidden_size: int = _f(7168, "Model width d.")
+    num_hidden_layers: int = _f(61, "Number of transformer blocks of the main model (MTP blocks not counted).")
+    first_k_dense_replace: int = _f(3, "The first k blocks use a dense SwiGLU FFN, the rest DeepSeekMoE.")
+    intermediate_size: int = _f(18432, "Hidden width of the dense SwiGLU FFN of the first k blocks.")
+    num_attention_heads: int = _f(128, "Number of attention heads n_h.")
     q_lora_rank: Optional[int] = _f(
-        None, "Rank of the low-rank query compression (q_a_proj -> norm -> q_b_proj); null: a plain q_proj.")
-    kv_lora_rank: int = _f(64, "Rank d_c of the compressed latent KV (the part of the KV cache shared by all heads).")
-    qk_nope_head_dim: int = _f(32, "Per-head query/key dimension without rotary embedding.")
-    qk_rope_head_dim: int = _f(16, "Per-head dimension of the decoupled rotary query and of the shared rotary key.")
-    v_head_dim: int = _f(32, "Per-head value dimension.")
-    n_routed_experts: int = _f(16, "Number of fine-grained routed experts per MoE layer.")
+        1536, "Rank of the low-rank query compression (q_a_proj -> norm -> q_b_proj); null: a plain q_proj.")
+    kv_lora_rank: int = _f(512, "Rank d_c of the compressed latent KV (the part of the KV cache shared by all heads).")
+    qk_nope_head_dim: int = _f(128, "Per-head query/key dimension without rotary embedding.")
+    qk_rope_head_dim: int = _f(64, "Per-head dimension of the decoupled rotary query and of the shared rotary key.")
+    v_head_dim: int = _f(128, "Per-head value dimension.")
+    n_routed_experts: int = _f(256, "Number of fine-grained routed experts per MoE layer.")
     n_shared_experts: int = _f(1, "Number of shared experts (always active; fused into one SwiGLU of that many times the width).")
-    num_experts_per_tok: int = _f(4, "Routed experts selected per token (K_r).")
-    moe_intermediate_size: int = _f(128, "Hidden width of one routed (and of one shared) expert.")
-    n_group: int = _f(1, "Expert groups for group-limited routing (1: no group limit).")
-    topk_group: int = _f(1, "Groups a token may route to (M in the DeepSeek-V3 report).")
-    routed_scaling_factor: float = _f(1.0, "Scale applied to the routed experts' gating weights (2.5 in DeepSeek-V3).")
+    num_experts_per_tok: int = _f(8, "Routed experts selected per token (K_r).")
+    moe_intermediate_size: int = _f(2048, "Hidden width of one routed (and of one shared) expert.")
+    n_group: int = _f(8, "Expert groups for group-limited routing (1: no group limit).")
+    topk_group: int = _f(4, "Groups a token may route to (M in the DeepSeek-V3 report).")
+    routed_scaling_factor: float = _f(2.5, "Scale applied to the routed experts' gating weights (2.5 in DeepSeek-V3).")
     norm_topk_prob: bool = _f(True, "Normalise the selected experts' gating weights to sum to one.")
     scoring_func: Literal["sigmoid", "softmax"] = _f(
         "sigmoid", "Token-to-expert affinity: sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2).")
@@ -71,7 +77,7 @@ class ModelConfig:
     rope_interleave: bool = _f(
         True, "Rotary dims are interleaved pairs (DeepSeek's weight layout) rather than two halves.")
     num_nextn_predict_layers: int = _f(1, "Multi-token-prediction depth D (0 disables MTP).")
-    initializer_range: float = _f(0.006, "Std of the normal initialisation of weight matrices.")
+    initializer_range: float = _f(0.02, "Std of the normal initialisation of weight matrices.")
     tie_word_embeddings: bool = _f(False, "DeepSeek-V3 does not tie embedding and head; only false is supported.")
     # Training-only values (absent from a Hugging Face config.json).
     mtp_loss_weight: float = _f(0.3, "lambda: the MTP loss (averaged over depths) is multiplied by this.")
@@ -90,9 +96,6 @@ class ModelConfig:
     def is_moe_layer(self, layer_index: int) -> bool:
         """Blocks with index >= first_k_dense_replace are MoE; MTP blocks continue the numbering."""
         return layer_index >= self.first_k_dense_replace and self.n_routed_experts > 0
-
-
-SCHEDULES = ("1f1b", "interleaved-1f1b", "zbh1", "dualpipe", "dualpipev")
 
 
 @dataclass
@@ -126,9 +129,14 @@ class DataConfig:
     valid_fraction: float = _f(0.01, "Fraction of token windows held out for validation.")
 
 
-@dataclass
-class Fp8Section:
-    """FP8 training with DeepSeek-V3's fine-grained scaling (megads.fp8)."""
+@dataclass(frozen=True)
+class Fp8Config:
+    """FP8 training with DeepSeek-V3's fine-grained scaling (megads.fp8): the ``fp8`` section.
+
+    The one FP8 config type: ``megads.fp8.convert_to_fp8(model, cfg.fp8)`` and the FP8 layers take it
+    as it is (they ignore ``enabled``, which only tells the trainer whether to convert). Frozen, so a
+    config shared by every converted layer cannot change under them (and it is hashable).
+    """
 
     enabled: bool = _f(False, "Run the GEMMs of attention, dense/shared FFNs, MTP projection and routed experts in "
                               "E4M3 (embedding, output head, router, norms and attention core stay high precision).")
@@ -137,8 +145,10 @@ class Fp8Section:
                     "(blockwise scaled matmul, SM90, cuBLASLt >= 12.9).")
     accumulation: Literal["fp32", "hopper"] = _f(
         "fp32", "Emulated backend only: exact FP32 accumulation, or Hopper's limited-precision chain.")
-    promote_every: Optional[int] = _f(128, "Hopper accumulation: promote partial sums to FP32 every N elements of K.")
-    pow2_scales: bool = _f(False, "Round scales up to powers of two.")
+    promote_every: Optional[int] = _f(128, "Hopper accumulation: promote partial sums to FP32 every N elements of K "
+                                           "(null: one chain over all of K, never promoted).")
+    pow2_scales: bool = _f(False, "Round scales up to powers of two (exact dequantization).")
+    eps: float = _f(1e-12, "Floor of a tile's amax before it becomes a scale (keeps all-zero tiles finite).")
     cache_activations: bool = _f(True, "Save layer inputs for backward in FP8 (with their scales) instead of FP32.")
     dispatch: bool = _f(
         False, "Send the routed experts' input tokens through the expert-parallel all-to-all in FP8 (1x128 tiles, "
@@ -185,7 +195,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    fp8: Fp8Section = field(default_factory=Fp8Section)
+    fp8: Fp8Config = field(default_factory=Fp8Config)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -193,7 +203,7 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_CLASSES = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "train": TrainConfig,
-                    "fp8": Fp8Section}
+                    "fp8": Fp8Config}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -338,8 +348,12 @@ def describe_fields() -> str:
 
 # ----------------------------------------------------------------------------- validation
 
-_YARN_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-              "mscale", "mscale_all_dim", "attention_factor", "truncate"}
+# rope_scaling (YaRN): the parameters, and the keys that name the kind ("type" in DeepSeek's config.json,
+# "rope_type" in transformers 5); model.rope_scaling may hold any of ROPE_SCALING_KEYS.
+YARN_KEYS = frozenset({"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                       "mscale_all_dim", "attention_factor", "truncate"})
+ROPE_TYPE_KEYS = ("type", "rope_type")
+ROPE_SCALING_KEYS = YARN_KEYS | frozenset(ROPE_TYPE_KEYS)
 
 
 def _is_number(x) -> bool:
@@ -392,8 +406,8 @@ def _model_rules(m: ModelConfig):
     yield m.aux_loss_alpha >= 0, f"model.aux_loss_alpha must not be negative, got {m.aux_loss_alpha}."
     if m.rope_scaling is not None:
         rs = m.rope_scaling
-        unknown = set(rs) - _YARN_KEYS
-        yield not unknown, f"model.rope_scaling has unknown keys {sorted(unknown)}; known: {sorted(_YARN_KEYS)}."
+        unknown = set(rs) - ROPE_SCALING_KEYS
+        yield not unknown, f"model.rope_scaling has unknown keys {sorted(unknown)}; known: {sorted(ROPE_SCALING_KEYS)}."
         kind = rs.get("type", rs.get("rope_type"))
         yield kind == "yarn", f"model.rope_scaling.type must be 'yarn' (the only scaling DeepSeek-V3 uses), got {kind!r}."
         factor = rs.get("factor")
@@ -495,25 +509,98 @@ def _parallel_rules(p: ParallelConfig, m: ModelConfig, t: TrainConfig):
             f"with sequence_parallel.")
 
 
+# Rules that need the world size, and the sizes derived from it. Each rule is one function returning
+# (ok, sentence): _layout_rules lists it, and the helper that needs it raises its sentence.
+
+
+def _world_size_rule(p: ParallelConfig, world_size: int) -> tuple[bool, str]:
+    return world_size % (p.tensor_parallel * p.pipeline_parallel) == 0, (
+        f"The world size ({world_size}) must be a multiple of parallel.tensor_parallel x "
+        f"parallel.pipeline_parallel ({p.tensor_parallel} x {p.pipeline_parallel}).")
+
+
+def _batch_split_rule(t: TrainConfig, data_parallel_size: int) -> tuple[bool, str]:
+    return t.global_batch_size % (data_parallel_size * t.micro_batch_size) == 0, (
+        f"train.global_batch_size ({t.global_batch_size}) must be divisible by the data-parallel "
+        f"size ({data_parallel_size}) x train.micro_batch_size ({t.micro_batch_size}).")
+
+
+def _require(rule: tuple[bool, str]) -> None:
+    ok, message = rule
+    if not ok:
+        raise ConfigError(message)
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """The data-parallel size on `world_size` ranks: world_size / (TP x PP) (ConfigError unless it divides)."""
+    _require(_world_size_rule(cfg.parallel, world_size))
+    return world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+
+
+def micro_batches_per_step(cfg: Config, data_parallel_size: int) -> int:
+    """Micro-batches per optimizer step on each data-parallel rank: global_batch_size / (DP x
+    micro_batch_size) (ConfigError unless it divides; parallel.micro_batches, when set, must equal it)."""
+    _require(_batch_split_rule(cfg.train, data_parallel_size))
+    return cfg.train.global_batch_size // (data_parallel_size * cfg.train.micro_batch_size)
+
+
+def _layout_rules(cfg: Config, world_size: int):
+    """Yield (ok, sentence) for each rule of running `cfg` on `world_size` ranks."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    yield world_size >= 1, f"The world size must be at least 1, got {world_size}."
+    if world_size < 1 or min(p.tensor_parallel, p.pipeline_parallel, p.expert_parallel, t.micro_batch_size) < 1:
+        return  # the sizes' own rules report them; nothing can be derived from them
+    ok, message = _world_size_rule(p, world_size)
+    yield ok, message
+    if ok:
+        dp = data_parallel_size(cfg, world_size)
+        yield (p.tensor_parallel * dp) % p.expert_parallel == 0, (
+            f"parallel.expert_parallel ({p.expert_parallel}) must divide the {p.tensor_parallel * dp} ranks of a "
+            f"pipeline stage (tensor_parallel x data-parallel size {p.tensor_parallel} x {dp}).")
+        ok, message = _batch_split_rule(t, dp)
+        yield ok, message
+        if ok:
+            n = micro_batches_per_step(cfg, dp)
+            if p.micro_batches is not None:
+                yield p.micro_batches == n, (
+                    f"parallel.micro_batches ({p.micro_batches}) must equal train.global_batch_size / (data-parallel "
+                    f"size x train.micro_batch_size) = {t.global_batch_size} / ({dp} x {t.micro_batch_size}) = {n}, "
+                    f"or be null.")
+            else:  # a given parallel.micro_batches meets micro_batch_rules in _parallel_rules
+                yield from micro_batch_rules(p, n, f"the number of micro-batches per step, train.global_batch_size / "
+                                                   f"(data-parallel size {dp} x train.micro_batch_size),")
+    # Without sequence parallelism MoE layers split whole sequences across TP ranks; with it each TP
+    # rank already holds a chunk of every sequence (_parallel_rules requires seq_length % TP == 0).
+    # Checked with the layout, where it always was (a config alone may name TP > 1 without running it).
+    yield not (p.tensor_parallel > 1 and not p.sequence_parallel and m.num_moe_layers + m.num_nextn_predict_layers > 0
+               and t.micro_batch_size % p.tensor_parallel), (
+        f"train.micro_batch_size ({t.micro_batch_size}) must be divisible by parallel.tensor_parallel "
+        f"({p.tensor_parallel}): MoE layers split whole sequences across tensor-parallel ranks (or set "
+        f"parallel.sequence_parallel).")
+
+
 def _data_rules(d: DataConfig):
     yield d.max_bytes >= 1000, f"data.max_bytes must be at least 1000, got {d.max_bytes}."
     yield 0 <= d.valid_fraction < 0.5, f"data.valid_fraction must be in [0, 0.5), got {d.valid_fraction}."
 
 
-def _fp8_rules(f: Fp8Section, p: ParallelConfig):
+def _fp8_rules(f: Fp8Config, p: ParallelConfig):
     yield f.promote_every is None or f.promote_every >= 1, f"fp8.promote_every must be null or at least 1, got {f.promote_every}."
     yield not (f.accumulation == "hopper" and f.backend != "emulated"), (
         "fp8.accumulation hopper is a model of the tensor cores for the emulated backend; real backends accumulate "
         "as the hardware does (use accumulation fp32).")
+    yield f.eps > 0, f"fp8.eps must be positive (an all-zero tile would get a zero scale), got {f.eps}."
     yield not (f.dispatch and not f.enabled), (
         "fp8.dispatch (FP8 expert all-to-all) needs fp8.enabled: true.")
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError listing every violated rule (one sentence each)."""
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Raise ConfigError listing every violated rule (one sentence each); given `world_size`, the
+    rules of running on that many ranks too (checked at launch, before any process group exists)."""
+    layout = () if world_size is None else _layout_rules(cfg, world_size)
     problems = [msg for ok, msg in (*_model_rules(cfg.model), *_train_rules(cfg.train),
                                     *_parallel_rules(cfg.parallel, cfg.model, cfg.train), *_data_rules(cfg.data),
-                                    *_fp8_rules(cfg.fp8, cfg.parallel))
+                                    *_fp8_rules(cfg.fp8, cfg.parallel), *layout)
                 if not ok and msg]
     if cfg.data.tokenizer == "byte" and cfg.model.vocab_size < 260:
         problems.append(f"model.vocab_size ({cfg.model.vocab_size}) must be at least 260 for data.tokenizer byte.")

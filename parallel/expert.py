@@ -15,9 +15,9 @@ gradient reaching the decoded tokens is passed unchanged to the tokens that were
 local dispatcher (expert-parallel size 1) has nothing to send but applies the same round trip, so
 a run's numbers do not depend on the expert-parallel size.
 
-Every collective here resolves its group through `parallel.lanes.lane_group` when it is issued
-(the exchanges' backward resolves ``ctx.group`` again), so that an overlapped F&B pair's backward
-half communicates on twin groups (parallel/lanes.py).
+Every collective here goes through the EP `parallel.group.Group` (the exchanges' backward issues on
+``ctx.group`` again), so that an overlapped F&B pair's backward half communicates on the group's
+twin (parallel/twin_groups.py).
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 
-from parallel.lanes import lane_group
+from parallel.group import Group
 
 
 class TokenCodec(Protocol):
@@ -117,13 +116,12 @@ class LocalTokenDispatcher:
 # on ranks whose local experts received no token (see _CombineAllToAll).
 
 
-def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Group) -> torch.Tensor:
     """all_to_all_single along dim 0 with uneven splits: rows input_splits[i] go to group rank i,
     output_splits[i] rows come from group rank i. Zero-row tensors and zero splits are fine."""
     x = x.contiguous()  # gloo reads a strided tensor's memory as if it were contiguous
     out = x.new_empty((sum(output_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x, output_split_sizes=output_splits, input_split_sizes=input_splits,
-                           group=lane_group(group))
+    group.all_to_all(out, x, output_splits, input_splits)
     return out
 
 
@@ -227,12 +225,12 @@ class AllToAllTokenDispatcher:
     of the EP group must use the same one (rows of one codec are not readable by another).
     """
 
-    def __init__(self, num_experts: int, ep_group, codec: TokenCodec | None = None):
+    def __init__(self, num_experts: int, ep: Group, codec: TokenCodec | None = None):
         self.num_experts = num_experts
         self.codec = codec
-        self.ep_group = ep_group
-        self.ep_size = dist.get_world_size(ep_group)
-        self.ep_rank = dist.get_rank(ep_group)
+        self.ep = ep
+        self.ep_size = ep.size
+        self.ep_rank = ep.rank
         if num_experts % self.ep_size != 0:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel size "
                              f"({self.ep_size}).")
@@ -255,7 +253,7 @@ class AllToAllTokenDispatcher:
 
         # 2. Exchange counts: rank s sends rank d its counts for d's experts; received [source, local expert].
         recv_counts = torch.empty_like(local_counts)
-        dist.all_to_all_single(recv_counts, local_counts.contiguous(), group=lane_group(self.ep_group))
+        self.ep.all_to_all(recv_counts, local_counts.contiguous())
         recv_counts = recv_counts.view(ep, nle)
         # One host sync for both split lists.
         splits = torch.cat([local_counts.view(ep, nle).sum(1), recv_counts.sum(1)]).tolist()
@@ -263,7 +261,7 @@ class AllToAllTokenDispatcher:
 
         # 3. Tokens and gates to the expert owners, received in [source rank][local expert] order.
         recv_tokens, recv_gates = _DispatchAllToAll.apply(permuted_tokens, permuted_gates, recv_splits,
-                                                          send_splits, self.ep_group, self.codec)
+                                                          send_splits, self.ep, self.codec)
 
         # 4. Re-sort to [local expert][source rank] (stable: source order, then token order).
         num_recv = sum(recv_splits)
@@ -289,20 +287,18 @@ class AllToAllTokenDispatcher:
         if state.unsort is not None:
             expert_out = expert_out.index_select(0, state.unsort)
         anchors = tuple(a for a in state.anchors if a.requires_grad)
-        back = _CombineAllToAll.apply(expert_out, state.send_splits, state.recv_splits, self.ep_group, *anchors)
+        back = _CombineAllToAll.apply(expert_out, state.send_splits, state.recv_splits, self.ep, *anchors)
         return self._permute.combine(back, state.permutation)
 
     def global_tokens_per_expert(self, state: AllToAllDispatchState) -> torch.Tensor:
         """Slots per global expert [E] summed over the EP group's ranks (a collective; not differentiable)."""
-        counts = state.local_tokens_per_expert.clone()
-        dist.all_reduce(counts, group=lane_group(self.ep_group))
-        return counts
+        return self.ep.sum(state.local_tokens_per_expert)
 
 
-def make_token_dispatcher(num_experts: int, ep_group=None, codec: TokenCodec | None = None):
-    """LocalTokenDispatcher when ep_group is None or has one rank, else AllToAllTokenDispatcher.
+def make_token_dispatcher(num_experts: int, ep: Group | None = None, codec: TokenCodec | None = None):
+    """LocalTokenDispatcher when `ep` is None or has one rank, else AllToAllTokenDispatcher.
 
     Both take a ``codec`` (None: tokens as they are); it can also be set later (``dispatcher.codec``)."""
-    if ep_group is None or dist.get_world_size(ep_group) == 1:
+    if ep is None or ep.size == 1:
         return LocalTokenDispatcher(num_experts, codec)
-    return AllToAllTokenDispatcher(num_experts, ep_group, codec)
+    return AllToAllTokenDispatcher(num_experts, ep, codec)

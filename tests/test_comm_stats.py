@@ -1,116 +1,198 @@
-"""parallel.comm_stats.count_collectives: exact calls and bytes for known tensors on 2 gloo ranks.
+"""tools.harness.comm_stats.count_collectives: exact calls and bytes, through the Groups' observers, on 2 gloo ranks.
 
-Covers every collective parallel/*.py calls (all_reduce, all_gather_single, reduce_scatter_single,
-all_to_all_single with uneven splits) plus the deprecated spellings, broadcast, barrier and
-batched point-to-point; the module-level aliases of parallel/tensor.py and parallel/data.py
-(bound at import, so a patch of torch.distributed alone would miss them); group labels; nested
-blocks; and that everything is restored on exit.
+- Every Group collective (all_reduce, sum, all_gather_into, reduce_scatter_into sync and async,
+  all_to_all with uneven splits, broadcast, gather, all_gather_object, barrier, exchange) on known
+  tensors: calls and bytes per kind and per group name; size-1 groups issue nothing; nested blocks
+  (an explicit list of Groups inside a ParallelContext's block); a Group's previous observer keeps
+  being called and every observer is restored on exit; torch.distributed itself is not touched.
+- A real training step (megads.train.trainer.train_step: model, ZeRO-1 optimizer, router-bias
+  update) at DP 2 with EP 1 and with EP 2: the ZeRO-1 reduce-scatter and all-gather bytes on the
+  dp / edp groups are exactly the padded gradient buckets of the parameters they hold, the
+  gradient norm is one 4-byte all-reduce per group, and EP 2's token exchange is counted on "ep".
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.distributed as dist
 
-import parallel.data as pdata
-import parallel.tensor as ptensor
-from parallel.comm_stats import count_collectives, patched_names
-from parallel.distributed_testing import run_distributed
+from megads.train.model_stages import ModelStages
+from megads.train.optimizer import build_optimizer, expert_parameters
+from megads.train.trainer import train_step
+from parallel.context import GROUP_NAMES, ParallelContext
+from parallel.group import Group
+from parallel.zero1_buckets import DEFAULT_BUCKET_SIZE, plan_buckets
+from tiny_model import tiny_config
+from tools.harness.comm_stats import KINDS, count_collectives
+from tools.harness.distributed import run_distributed
 
 F32, F64, I64 = 4, 8, 8  # bytes per element
 
 
-def _worker():
+# ============================================================================ every collective, known tensors
+
+
+def _known_collectives_worker():
     rank, other = dist.get_rank(), 1 - dist.get_rank()
-    originals = (dist.all_reduce, dist.isend, ptensor._all_gather_single, pdata._reduce_scatter_single)
-    pair = dist.new_group([0, 1])
-    early_in = torch.empty(5)
-    made_before = [dist.P2POp(dist.isend, torch.full((5,), float(rank)), other),
-                   dist.P2POp(dist.irecv, early_in, other)]  # committed inside the block
-    with count_collectives(group_labels={pair: "pair"}) as stats:
-        names = patched_names()
+    torch_functions = (dist.all_reduce, dist.all_to_all_single, dist.batch_isend_irecv)
+    ctx = ParallelContext.from_groups(dp=dist.group.WORLD, tp=dist.new_group([0, 1]))
+    pair = Group(dist.new_group([0, 1]), "pair")  # not in the context
+    earlier: list[str] = []
+    ctx.dp.observer = lambda kind, nbytes, seconds, group: earlier.append(kind)  # a tool's own observer
+
+    with count_collectives(ctx) as stats:
         x = torch.ones(10)
-        dist.all_reduce(x)  # 40 B
+        ctx.dp.all_reduce(x)  # 40 B
         assert x.tolist() == [2.0] * 10
-        dist.all_reduce(torch.ones(3, dtype=torch.float64), group=pair)  # 24 B, labelled "pair"
+        assert ctx.tp.sum(torch.ones(3, dtype=torch.float64)).tolist() == [2.0] * 3  # 24 B, on "tp"
 
         out = torch.empty(12, dtype=torch.float64)
-        dist.all_gather_single(out, torch.full((6,), float(rank), dtype=torch.float64))  # 96 B
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dist.all_gather_into_tensor(out, torch.zeros(6, dtype=torch.float64))  # 96 B, counted once
+        ctx.dp.all_gather_into(out, torch.full((6,), float(rank), dtype=torch.float64))  # 96 B
+        assert out.tolist() == [0.0] * 6 + [1.0] * 6
         shard = torch.empty(4)
-        dist.reduce_scatter_single(shard, torch.arange(8.0))  # 32 B
+        ctx.dp.reduce_scatter_into(shard, torch.arange(8.0))  # 32 B
         assert shard.tolist() == [2 * v for v in range(4 * rank, 4 * rank + 4)]
+        ctx.dp.reduce_scatter_into(shard, torch.ones(8), async_op=True).wait()  # 32 B, counted when issued
+        assert shard.tolist() == [2.0] * 4
 
         # uneven all-to-all of 5-float rows: rank 0 sends [1, 3] rows, rank 1 sends [2, 1]
         send = [[1, 3], [2, 1]]
         inp = torch.full((sum(send[rank]), 5), float(rank))
         recv = [send[0][rank], send[1][rank]]
         got = torch.empty(sum(recv), 5)
-        dist.all_to_all_single(got, inp, output_split_sizes=recv, input_split_sizes=send[rank])  # 80 B
+        ctx.dp.all_to_all(got, inp, recv, send[rank])  # 80 B on rank 0, 60 B on rank 1
         assert got[:recv[0]].eq(0).all() and got[recv[0]:].eq(1).all()
 
         b = torch.arange(3) if rank == 0 else torch.zeros(3, dtype=torch.long)
-        dist.broadcast(b, src=0)  # 24 B
+        ctx.dp.broadcast(b, src=0)  # 24 B
         assert b.tolist() == [0, 1, 2]
-        dist.barrier()
+        parts = [torch.empty(5) for _ in range(2)] if rank == 0 else None
+        ctx.dp.gather(torch.full((5,), float(rank)), parts, dst=0)  # 20 B
+        assert rank != 0 or [p[0].item() for p in parts] == [0.0, 1.0]
+        assert ctx.dp.all_gather_object({"rank": rank}) == [{"rank": 0}, {"rank": 1}]  # 0 B
+        ctx.dp.barrier()  # 0 B
 
-        # batched point-to-point: P2POps made inside the block (with the patched names) and before it
-        sent = torch.full((7,), float(rank))
-        received = torch.empty(7)
-        ops = [dist.P2POp(dist.isend, sent, other), dist.P2POp(dist.irecv, received, other)]
-        for work in dist.batch_isend_irecv(ops):
+        sent, received = torch.full((7,), float(rank)), torch.empty(7)
+        for work in ctx.dp.exchange([("send", sent, other), ("recv", received, other)]):  # 56 B, one call
             work.wait()
         assert received.eq(other).all()
-        for work in dist.batch_isend_irecv(made_before):
-            work.wait()
-        assert early_in.eq(other).all()
 
-        # the repo's own helpers, through the aliases bound at import
-        full = ptensor._all_gather_along_dim(torch.ones(2, 3), 0, dist.group.WORLD)  # 4x3 f32 = 48 B
-        assert full.shape == (4, 3)
-        with count_collectives() as inner:
-            dist.all_reduce(torch.ones(2))  # 8 B, seen by both blocks
-        rs = torch.empty(2)
-        pdata._reduce_scatter_single(rs, torch.ones(4))  # 16 B
+        # size-1 groups issue nothing (and so count nothing)
+        ctx.pp.all_reduce(torch.ones(4))
+        assert ctx.ep.sum(torch.ones(4)).tolist() == [1.0] * 4
+        # torch.distributed called directly is not the runtime's: not counted
+        dist.all_reduce(torch.ones(6))
 
-    dist.all_reduce(torch.ones(100))  # after the block: not counted
-    restored = (dist.all_reduce, dist.isend, ptensor._all_gather_single, pdata._reduce_scatter_single)
-    # P2POps created inside the block (holding the wrappers) still work outside it
-    ops = [dist.P2POp(dist.isend, sent, other), dist.P2POp(dist.irecv, received, other)]
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
-    return {"stats": stats, "inner": inner, "names": names,
-            "restored": all(a is b for a, b in zip(originals, restored))}
+        with count_collectives([pair, ctx.dp]) as inner:
+            pair.all_reduce(torch.ones(2))  # 8 B on "pair": the inner block only
+            ctx.dp.all_reduce(torch.ones(5))  # 20 B on "dp": both blocks
+        pair.all_reduce(torch.ones(3))  # "pair" is no longer observed
+        inner_restored = pair.observer is None
+
+    ctx.dp.all_reduce(torch.ones(100))  # after the block: not counted
+    return {"stats": stats, "inner": inner, "earlier": earlier, "inner_restored": inner_restored,
+            "restored": ctx.dp.observer is not None and pair.observer is None
+            and all(g.observer is None for g in ctx.groups() if g is not ctx.dp),
+            "torch_untouched": torch_functions == (dist.all_reduce, dist.all_to_all_single, dist.batch_isend_irecv)}
 
 
-def test_counts_known_collectives():
-    results = run_distributed(_worker, world_size=2, timeout_s=60)
+def test_counts_every_group_collective_with_exact_bytes():
+    results = run_distributed(_known_collectives_worker, world_size=2, timeout_s=60)
     for rank, r in enumerate(results):
         s, inner = r["stats"], r["inner"]
-        assert r["restored"]
-        assert "parallel.tensor._all_gather_single" in r["names"]
-        assert "parallel.data._reduce_scatter_single" in r["names"]
-        by_name = {name: (v.calls, v.bytes) for name, v in s.by_name().items()}
-        assert by_name == {
-            "all_reduce": (3, 10 * F32 + 3 * F64 + 2 * F32),
-            "all_gather_single": (2, 12 * F64 + 4 * 3 * F32),
-            "all_gather_into_tensor": (1, 12 * F64),
-            "reduce_scatter_single": (2, 8 * F32 + 4 * F32),
-            "all_to_all_single": (1, (4 if rank == 0 else 3) * 5 * F32),
-            "broadcast": (1, 3 * I64),
-            "barrier": (1, 0),
-            "isend": (2, 7 * F32 + 5 * F32),
-            "irecv": (2, 7 * F32 + 5 * F32),
-            "batch_isend_irecv": (2, 0),
-        }, by_name
-        kinds = s.by_kind()
-        assert kinds["all_gather"].calls == 3 and kinds["all_gather"].bytes == 2 * 12 * F64 + 48
-        assert s.bytes("all_reduce", label="pair") == 3 * F64
-        assert s.bytes("all_reduce", label="world") == 10 * F32 + 2 * F32
-        assert s.total_bytes == sum(b for _, b in by_name.values())
-        assert {n: (v.calls, v.bytes) for n, v in inner.by_name().items()} == {"all_reduce": (1, 8)}
-        assert "all_reduce" in s.table(per=2)
+        assert r["restored"] and r["inner_restored"] and r["torch_untouched"]
+        by_group = {key: (v.calls, v.bytes) for key, v in s.by_group().items()}
+        assert by_group == {
+            ("all_reduce", "dp"): (2, 10 * F32 + 5 * F32),
+            ("all_reduce", "tp"): (1, 3 * F64),
+            ("all_gather", "dp"): (1, 12 * F64),
+            ("reduce_scatter", "dp"): (2, 8 * F32 + 8 * F32),
+            ("all_to_all", "dp"): (1, (4 if rank == 0 else 3) * 5 * F32),
+            ("broadcast", "dp"): (1, 3 * I64),
+            ("gather", "dp"): (1, 5 * F32),
+            ("all_gather_object", "dp"): (1, 0),
+            ("barrier", "dp"): (1, 0),
+            ("send_recv", "dp"): (1, 2 * 7 * F32),
+        }, by_group
+        assert set(s.by_kind()) == set(KINDS)
+        assert s.bytes("all_reduce") == 15 * F32 + 3 * F64 and s.calls("all_reduce", "tp") == 1
+        assert s.total_bytes == sum(b for _, b in by_group.values())
+        assert s.seconds() > 0 and "send_recv" in s.table(per=2)
+        assert {key: (v.calls, v.bytes) for key, v in inner.by_group().items()} == {
+            ("all_reduce", "pair"): (1, 2 * F32), ("all_reduce", "dp"): (1, 5 * F32)}
+        # the observer dp had before the block saw every dp collective, in order, and still sees them after
+        assert r["earlier"] == ["all_reduce", "all_gather", "reduce_scatter", "reduce_scatter", "all_to_all",
+                                "broadcast", "gather", "all_gather_object", "barrier", "send_recv", "all_reduce",
+                                "all_reduce"]
+
+
+# ============================================================================ a real training step
+
+MODEL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=64,
+             num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+             v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+             n_group=2, topk_group=1, routed_scaling_factor=2.0, num_nextn_predict_layers=1, aux_loss_alpha=0.01,
+             bias_update_speed=0.01)
+TRAIN = dict(global_batch_size=4, micro_batch_size=2, seq_length=16, lr=0.01, warmup_steps=1, max_steps=1,
+             grad_clip=1.0, seed=7)
+
+
+def _padded_bucket_bytes(params, group_size: int) -> int:
+    """Bytes of the gradient buckets ZeRO-1 reduce-scatters (and parameter buckets it all-gathers)
+    for `params` over a group of `group_size`: the bucket plan of parallel/zero1_buckets.py."""
+    buckets = plan_buckets(params, DEFAULT_BUCKET_SIZE, group_size)
+    return sum(b.padded_numel for b in buckets) * params[0].element_size()
+
+
+def _train_step_worker():
+    world, rank = dist.get_world_size(), dist.get_rank()
+    world_group = dist.group.WORLD
+    out = {}
+    for ep in (1, 2):
+        # DP 2 over both ranks; EP 1: experts replicated over EDP = both ranks; EP 2: split, EDP size 1
+        groups = dict(dp=world_group, stage=world_group, **({"edp": world_group} if ep == 1 else {"ep": world_group}))
+        ctx = ParallelContext.from_groups(**groups)
+        cfg = tiny_config({"model": MODEL, "train": TRAIN, "parallel": {"expert_parallel": ep}})
+        model = ModelStages(cfg, ctx).train()
+        optimizer = build_optimizer(model, cfg.train, ctx)
+        gen = torch.Generator().manual_seed(3)
+        batch = torch.randint(0, MODEL["vocab_size"], (TRAIN["global_batch_size"], TRAIN["seq_length"] + 1),
+                              generator=gen)
+        per_rank, mbs = TRAIN["global_batch_size"] // world, TRAIN["micro_batch_size"]
+        mine = batch[rank * per_rank:(rank + 1) * per_rank]
+        micro = [(mine[i:i + mbs, :-1], mine[i:i + mbs, 1:]) for i in range(0, per_rank, mbs)]
+        with count_collectives(ctx) as stats:
+            record = train_step(model, optimizer, cfg, 0, micro)
+        assert not record["skipped"]
+        experts = expert_parameters(model)
+        expert_ids = {id(p) for p in experts}
+        dense = list({id(p): p for p in model.parameters() if id(p) not in expert_ids and p.requires_grad}.values())
+        out[ep] = {"stats": stats, "dense_bytes": _padded_bucket_bytes(dense, world),
+                   "dense_numel_bytes": sum(p.numel() * p.element_size() for p in dense),
+                   "expert_bytes": _padded_bucket_bytes(experts, world) if ep == 1 else 0}
+    return out
+
+
+def test_counts_the_bytes_of_a_real_training_step():
+    results = run_distributed(_train_step_worker, world_size=2, timeout_s=120)
+    for rank, per_layout in enumerate(results):
+        for ep, r in per_layout.items():
+            s, where = r["stats"], f"rank {rank} EP {ep}"
+            assert r["dense_numel_bytes"] > 10_000, where  # a real model: every dense gradient crosses dp
+            assert r["dense_numel_bytes"] <= r["dense_bytes"] < r["dense_numel_bytes"] + 4 * 8, where
+            # ZeRO-1: each gradient bucket is reduce-scattered and each parameter bucket all-gathered, once
+            assert s.bytes("reduce_scatter", "dp") == r["dense_bytes"], (where, s)
+            assert s.bytes("all_gather", "dp") == r["dense_bytes"], (where, s)
+            assert s.bytes("reduce_scatter", "edp") == r["expert_bytes"], (where, s)
+            assert s.bytes("all_gather", "edp") == r["expert_bytes"], (where, s)
+            assert s.calls("reduce_scatter") == s.calls("all_gather") == (2 if ep == 1 else 1), (where, s)
+            # the gradient norm's sum of squares (one fp32) crosses dp once; the metrics' mean too
+            assert s.calls("all_reduce", "dp") >= 2 and s.bytes("all_reduce", "dp") >= F32 + 2 * F64, (where, s)
+            # router-bias update: expert loads summed over the stage (TP x DP) group
+            assert s.calls("all_reduce", "stage") >= 1, (where, s)
+            if ep == 2:  # the token exchange: dispatch and combine, forward and backward, per MoE layer
+                assert s.calls("all_to_all", "ep") >= 4 * 2 and s.bytes("all_to_all", "ep") > 0, (where, s)
+            else:
+                assert s.calls("all_to_all") == 0, (where, s)
+            assert {label for _, label in s.records} <= set(GROUP_NAMES), (where, s)
+            assert s.total_bytes == sum(v.bytes for v in s.by_kind().values())

@@ -4,6 +4,7 @@ import dataclasses
 import inspect
 import math
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,13 +13,20 @@ from megads.config import (
     Config,
     ConfigError,
     ModelConfig,
+    ParallelConfig,
+    TrainConfig,
     apply_overrides,
     config_from_dict,
+    data_parallel_size,
     describe_fields,
     dump_config,
     load_config,
+    micro_batches_per_step,
     validate,
 )
+from tiny_model import TINY_MODEL, tiny_config, tiny_model, tiny_overrides, with_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -38,9 +46,20 @@ _DROP = object()
 
 
 def _error(raw) -> str:
+    """The ConfigError of `raw` on top of the tiny model (the messages name its values)."""
     with pytest.raises(ConfigError) as info:
-        config_from_dict(raw)
+        config_from_dict(with_tiny_model(raw))
     return str(info.value)
+
+
+def _assert_values(cfg: Config, raw: dict) -> None:
+    """Every value `raw` gives is in `cfg`; every model value it does not give is TINY_MODEL's."""
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    given = raw.get("model", {})
+    assert {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in given} == \
+        {k: v for k, v in TINY_MODEL.items() if k not in given}
 
 
 # ----------------------------------------------------------------------------- defaults and loading
@@ -59,8 +78,59 @@ def test_empty_sections_mean_defaults():
     assert config_from_dict({"model": None, "train": {}}) == Config()
 
 
+# ModelConfig fields DeepseekV3Config has no attribute for: DeepSeek's original config.json keys
+# (transformers' DeepseekV3 computes exactly these) and training-only values; all DeepSeek-V3's.
+NOT_IN_HF = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "mtp_loss_weight": 0.3,
+             "bias_update_speed": 0.001, "aux_loss_alpha": 0.0001}
+
+
+def test_model_defaults_are_deepseek_v3_configs():
+    """Every ModelConfig default is the default of DeepseekV3Config's attribute of the same name."""
+    transformers = pytest.importorskip("transformers")
+    hf, ours = transformers.DeepseekV3Config(), ModelConfig()
+    # Exceptions, where the representations differ: transformers 5 keeps rope_theta inside
+    # rope_parameters (aliased as rope_scaling), whose rope_type "default" (plain RoPE) is
+    # rope_scaling null here.
+    rope = getattr(hf, "rope_parameters", None) or {"rope_type": "default", "rope_theta": hf.rope_theta}
+    assert ours.rope_theta == rope["rope_theta"]
+    assert rope["rope_type"] == "default" and set(rope) <= {"rope_type", "rope_theta"} and ours.rope_scaling is None
+    exceptions = {"rope_theta", "rope_scaling"}
+    compared = set()
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in exceptions or not hasattr(hf, f.name):
+            continue
+        assert getattr(ours, f.name) == getattr(hf, f.name), f"model.{f.name}"
+        compared.add(f.name)
+    others = {f.name for f in dataclasses.fields(ModelConfig)} - compared - exceptions
+    assert {name: getattr(ours, name) for name in others} == NOT_IN_HF
+    assert (ours.hidden_size, ours.num_hidden_layers, ours.n_routed_experts) == (7168, 61, 256)  # DeepSeek-V3
+
+
+def test_tiny_yaml_states_every_model_value():
+    """examples/configs/tiny.yaml does not lean on the (671B) defaults for any model value."""
+    path = REPO / "examples" / "configs" / "tiny.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw["model"]) == {f.name for f in dataclasses.fields(ModelConfig)}
+    assert load_config(path).model == ModelConfig(**{**TINY_MODEL, **raw["model"]})
+    assert load_config(path).model == tiny_model(vocab_size=4096, q_lora_rank=128, n_group=4, topk_group=2,
+                                                 max_position_embeddings=1024)
+
+
+def test_tiny_model_helper():
+    assert set(TINY_MODEL) == {f.name for f in dataclasses.fields(ModelConfig)}
+    assert tiny_model() == tiny_config().model == load_config(None, tiny_overrides()).model
+    assert dataclasses.asdict(tiny_model()) == TINY_MODEL
+    assert tiny_model(hidden_size=64).hidden_size == 64
+    assert load_config(None, tiny_overrides("model.n_group=2")).model == tiny_model(n_group=2)
+    cfg = tiny_config({"model": {"n_group": 2}, "train": {"max_steps": 3}})
+    assert cfg.model == tiny_model(n_group=2) and cfg.train.max_steps == 3
+    assert cfg.parallel == ParallelConfig()
+
+
 def test_dump_round_trip(tmp_path):
-    cfg = load_config(overrides=["model.q_lora_rank=32", f"model.rope_scaling={YARN}".replace("'", "")])
+    cfg = load_config(overrides=tiny_overrides("model.q_lora_rank=32",
+                                               f"model.rope_scaling={YARN}".replace("'", "")))
+    assert cfg.model == tiny_model(q_lora_rank=32, rope_scaling=YARN)
     path = tmp_path / "dumped.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
@@ -175,13 +245,15 @@ def test_overrides_apply_and_parse_yaml_values():
 
 def test_overrides_through_load_config(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("train:\n  max_steps: 5\nmodel:\n  q_lora_rank: 32\n")
+    path.write_text(yaml.safe_dump({"train": {"max_steps": 5}, "model": {**TINY_MODEL, "q_lora_rank": 32}}))
     cfg = load_config(path, ["train.max_steps=20", "model.q_lora_rank=null", "train.lr=0.01"])
     assert cfg.train.max_steps == 20
     assert cfg.model.q_lora_rank is None
     assert cfg.train.lr == 0.01
+    assert cfg.model == tiny_model(q_lora_rank=None)
+    assert cfg.train == TrainConfig(max_steps=20, lr=0.01)
     # the last override of a key wins
-    assert load_config(None, ["train.max_steps=3", "train.max_steps=4"]).train.max_steps == 4
+    assert load_config(None, tiny_overrides("train.max_steps=3", "train.max_steps=4")).train.max_steps == 4
 
 
 @pytest.mark.parametrize("item", [
@@ -209,7 +281,7 @@ def test_bad_override_syntax(item):
 ])
 def test_bad_override_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, tiny_overrides(override))
     assert field in str(info.value)
 
 
@@ -287,21 +359,24 @@ def test_top_level_must_be_a_mapping():
 
 
 def test_int_accepted_where_float_expected():
-    cfg = config_from_dict({"train": {"lr": 1, "min_lr": 0, "weight_decay": 0, "grad_clip": 2},
-                            "model": {"rope_theta": 50000, "routed_scaling_factor": 2}})
+    cfg = tiny_config({"train": {"lr": 1, "min_lr": 0, "weight_decay": 0, "grad_clip": 2},
+                       "model": {"rope_theta": 50000, "routed_scaling_factor": 2}})
     for value in (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay, cfg.train.grad_clip,
                   cfg.model.rope_theta, cfg.model.routed_scaling_factor):
         assert isinstance(value, float)
     assert cfg.train.lr == 1.0 and cfg.model.rope_theta == 50000.0
+    assert (cfg.train.min_lr, cfg.train.weight_decay, cfg.train.grad_clip) == (0.0, 0.0, 2.0)
+    assert cfg.model == tiny_model(rope_theta=50000.0, routed_scaling_factor=2.0)
 
 
 def test_optional_fields_accept_null_and_value():
-    cfg = config_from_dict({"model": {"q_lora_rank": 16, "rope_scaling": None},
-                            "train": {"decay_steps": None, "num_threads": 2},
-                            "parallel": {"micro_batches": 4}, "data": {"cache_dir": None}})
+    raw = {"model": {"q_lora_rank": 16, "rope_scaling": None}, "train": {"decay_steps": None, "num_threads": 2},
+           "parallel": {"micro_batches": 4}, "data": {"cache_dir": None}}
+    cfg = tiny_config(raw)
     assert cfg.model.q_lora_rank == 16 and cfg.model.rope_scaling is None
     assert cfg.train.decay_steps is None and cfg.train.num_threads == 2
     assert cfg.parallel.micro_batches == 4
+    _assert_values(cfg, raw)
 
 
 # ----------------------------------------------------------------------------- rules, one at a time
@@ -490,7 +565,7 @@ def test_every_validated_field_has_a_case():
     {D: {"valid_fraction": 0, "max_bytes": 1000}},
 ])
 def test_valid_edge_cases(raw):
-    config_from_dict(raw)
+    _assert_values(tiny_config(raw), raw)
 
 
 # ----------------------------------------------------------------------------- several violations
@@ -515,7 +590,7 @@ def test_several_violations_are_all_listed():
 
 
 def test_validate_checks_a_mutated_config():
-    cfg = Config()
+    cfg = Config(model=tiny_model())
     cfg.model.topk_group = 2
     with pytest.raises(ConfigError, match=r"model\.topk_group"):
         validate(cfg)
@@ -523,6 +598,86 @@ def test_validate_checks_a_mutated_config():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+# ----------------------------------------------------------------------------- rules with the world size
+
+# (raw config, world size, text the error must contain): each violates exactly one rule, and only
+# with that world size (the config alone is valid).
+LAYOUT_CASES = [
+    ({P: {"tensor_parallel": 2, "pipeline_parallel": 2}}, 6,
+     "The world size (6) must be a multiple of parallel.tensor_parallel x parallel.pipeline_parallel (2 x 2)."),
+    ({P: {"expert_parallel": 4}, T: {"global_batch_size": 16}}, 2,
+     "parallel.expert_parallel (4) must divide the 2 ranks of a pipeline stage (tensor_parallel x data-parallel "
+     "size 1 x 2)."),
+    ({T: {"global_batch_size": 8, "micro_batch_size": 4}}, 4,
+     "train.global_batch_size (8) must be divisible by the data-parallel size (4) x train.micro_batch_size (4)."),
+    ({P: {"micro_batches": 2}, T: {"global_batch_size": 8, "micro_batch_size": 2}}, 1,
+     "parallel.micro_batches (2) must equal train.global_batch_size / (data-parallel size x "
+     "train.micro_batch_size) = 8 / (1 x 2) = 4, or be null."),
+    ({P: {"pipeline_parallel": 2, "schedule": "dualpipe"}, T: {"global_batch_size": 8, "micro_batch_size": 4}}, 2,
+     "the number of micro-batches per step, train.global_batch_size / (data-parallel size 1 x "
+     "train.micro_batch_size), (2) must be at least 2 x parallel.pipeline_parallel (4) and even for dualpipe."),
+    ({P: {"pipeline_parallel": 2, "schedule": "interleaved-1f1b", "virtual_stages": 2},
+      T: {"global_batch_size": 6, "micro_batch_size": 2}}, 2,
+     "the number of micro-batches per step, train.global_batch_size / (data-parallel size 1 x "
+     "train.micro_batch_size), (3) must be a multiple of parallel.pipeline_parallel (2) for interleaved-1f1b"),
+    ({P: {"tensor_parallel": 2}, T: {"global_batch_size": 6, "micro_batch_size": 3}}, 2,
+     "train.micro_batch_size (3) must be divisible by parallel.tensor_parallel (2): MoE layers split whole "
+     "sequences across tensor-parallel ranks (or set parallel.sequence_parallel)."),
+    ({}, 0, "The world size must be at least 1, got 0."),
+]
+
+
+@pytest.mark.parametrize("raw, world_size, expected", LAYOUT_CASES)
+def test_each_layout_rule(raw, world_size, expected):
+    cfg = tiny_config(raw)
+    _assert_values(cfg, raw)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size=world_size)
+    assert str(info.value).startswith(expected), str(info.value)  # one rule: its sentence alone
+
+
+@pytest.mark.parametrize("raw, world_size", [
+    ({}, 1),
+    ({T: {"micro_batch_size": 1}}, 8),  # DP 8: one micro-batch of 1 sequence each
+    ({P: {"tensor_parallel": 2, "sequence_parallel": True}, T: {"micro_batch_size": 1, "global_batch_size": 4}}, 4),
+    ({P: {"tensor_parallel": 2, "expert_parallel": 4}, T: {"micro_batch_size": 2, "global_batch_size": 4}}, 4),
+    ({P: {"pipeline_parallel": 2, "schedule": "dualpipev", "micro_batches": 4},
+      T: {"global_batch_size": 8, "micro_batch_size": 2}}, 2),
+    ({M: {"n_routed_experts": 0, "first_k_dense_replace": 4, "num_nextn_predict_layers": 0},
+      P: {"tensor_parallel": 2}, T: {"micro_batch_size": 1}}, 2),  # no MoE: micro-batches need not split
+])
+def test_valid_layouts(raw, world_size):
+    cfg = tiny_config(raw)
+    validate(cfg, world_size=world_size)
+    dp = data_parallel_size(cfg, world_size)
+    assert dp == world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+    assert micro_batches_per_step(cfg, dp) * dp * cfg.train.micro_batch_size == cfg.train.global_batch_size
+
+
+def test_layout_sizes_and_their_errors():
+    cfg = tiny_config({P: {"tensor_parallel": 2, "pipeline_parallel": 2},
+                       T: {"global_batch_size": 24, "micro_batch_size": 2}})
+    assert data_parallel_size(cfg, 4) == 1 and data_parallel_size(cfg, 12) == 3
+    assert micro_batches_per_step(cfg, 1) == 12 and micro_batches_per_step(cfg, 3) == 4
+    with pytest.raises(ConfigError, match=r"The world size \(6\) must be a multiple"):
+        data_parallel_size(cfg, 6)
+    with pytest.raises(ConfigError, match=r"divisible by the data-parallel size \(5\)"):
+        micro_batches_per_step(cfg, 5)
+
+
+def test_config_and_layout_violations_are_listed_together():
+    cfg = tiny_config({P: {"expert_parallel": 4}, T: {"global_batch_size": 16}})
+    cfg.train.adam_eps = 0.0
+    cfg.parallel.micro_batches = 3
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size=2)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "Invalid configuration:"
+    assert [line.strip().split(" ")[0] for line in lines[1:]] == [
+        "train.adam_eps", "parallel.expert_parallel", "parallel.micro_batches"]
+    validate(tiny_config({P: {"expert_parallel": 4}}))  # without the world size: no layout rules
 
 
 # ----------------------------------------------------------------------------- known gaps (library bugs)
@@ -547,7 +702,7 @@ def test_rope_scaling_value_types(changes, field):
 
 
 def test_yarn_factor_value_reaches_model_config():
-    cfg = config_from_dict({M: {"rope_scaling": YARN}})
+    cfg = tiny_config({M: {"rope_scaling": YARN}})
     assert math.isclose(cfg.model.rope_scaling["factor"], 40)
     assert yaml.safe_load(dump_config(cfg))["model"]["rope_scaling"] == YARN
 
@@ -568,7 +723,7 @@ def test_yarn_factor_value_reaches_model_config():
 ])
 def test_pipeline_schedule_rules(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config(None, overrides)
+        load_config(None, tiny_overrides(*overrides))
 
 
 @pytest.mark.parametrize("overrides", [
@@ -578,4 +733,8 @@ def test_pipeline_schedule_rules(overrides, field):
      "parallel.micro_batches=4"],
 ])
 def test_pipeline_schedule_rules_accept_valid(overrides):
-    load_config(None, overrides)
+    cfg = load_config(None, tiny_overrides(*overrides))
+    assert cfg.model == tiny_model()
+    for item in overrides:
+        key, value = item.split("=")
+        assert getattr(cfg.parallel, key.removeprefix("parallel.")) == yaml.safe_load(value), key

@@ -1,10 +1,11 @@
-"""Data parallelism and the ZeRO-1 DistributedOptimizer (parallel/data.py) against single-process AdamW.
+"""Data parallelism and ZeRO-1 (parallel/data_parallel.py, parallel/zero1*.py) against single-process AdamW.
 
 The model is a tiny MoE block: dense linears (with a bias), an RMS-norm weight, a router, and
 routed experts split by expert parallelism (EP) with an all-gather token dispatcher (tokens of the
-EP group gathered, partial expert outputs reduce-scattered back, parallel/tensor.py's sequence-
+EP group gathered, partial expert outputs reduce-scattered back, parallel.tensor's sequence-
 parallel mappings over the EP group). Layouts on DP ranks: dp2-ep1 (expert-data-parallel group
 = all ranks, a separate group), dp4-ep2 (EDP groups {0,2} and {1,3}) and dp2-ep2 (EDP size 1).
+Groups are parallel.group.Groups over process groups made here (None: size 1).
 
 Each rank runs 3 optimizer steps over 2 micro-batches of its own data; the reference is
 torch.optim.AdamW (+ clip_grad_norm_, active) on the full model over the union of all ranks'
@@ -21,14 +22,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.data import (
-    DataParallelParams,
-    DistributedOptimizer,
-    allreduce_gradients,
-    plan_buckets,
-)
-from parallel.distributed_testing import run_distributed
+from parallel.data_parallel import allreduce_gradients
+from parallel.group import Group
 from parallel.tensor import gather_from_sequence_parallel_region, reduce_scatter_to_sequence_parallel_region
+from parallel.zero1 import DataParallelParams, DistributedOptimizer
+from parallel.zero1_buckets import plan_buckets
+from tools.harness.distributed import run_distributed
 
 H, FFN, E = 6, 9, 4  # odd sizes: buckets whose sizes do not divide by dp
 T, MICRO, STEPS = 4, 2, 3  # tokens per micro-batch, micro-batches per rank, optimizer steps
@@ -46,14 +45,14 @@ TOL = 1e-5
 class TinyMoE(nn.Module):
     """x + w_out(tanh(w_in x)) -> RMS norm -> + sum_e gate_e * (h @ expert_e); experts [first, first+n) here."""
 
-    def __init__(self, num_local_experts: int = E, first_expert: int = 0, ep_group=None):
+    def __init__(self, num_local_experts: int = E, first_expert: int = 0, ep_group: Group | None = None):
         super().__init__()
         self.w_in = nn.Linear(H, FFN)
         self.w_out = nn.Linear(FFN, H, bias=False)
         self.norm = nn.Parameter(torch.ones(H))
         self.router = nn.Linear(H, E, bias=False)
         self.experts = nn.Parameter(torch.empty(num_local_experts, H, H))
-        self.first_expert, self.ep_group = first_expert, ep_group
+        self.first_expert, self.ep_group = first_expert, ep_group or Group(None, "ep")
 
     def forward(self, x):  # [T, H]
         h = x + self.w_out(torch.tanh(self.w_in(x)))
@@ -120,22 +119,23 @@ class Layout:
         world, rank = dist.get_world_size(), dist.get_rank()
         self.dp, self.ep, self.rank = world, ep, rank
         self.ep_rank = rank % ep
+        self.dp_group = Group(dist.group.WORLD, "dp")
         self.ep_group = self.edp_group = None
         for k in range(world // ep):  # every rank creates every group, in the same order
             g = dist.new_group(list(range(k * ep, (k + 1) * ep)))
             if rank // ep == k and ep > 1:
-                self.ep_group = g
+                self.ep_group = Group(g, "ep")
         for e in range(ep):
             g = dist.new_group(list(range(e, world, ep)))
             if self.ep_rank == e:
-                self.edp_group = g
+                self.edp_group = Group(g, "edp")
 
     def model(self, seed: int = 0) -> TinyMoE:
         return ep_model(self.ep, self.ep_rank, self.ep_group, seed)
 
     def optimizer(self, model: TinyMoE, bucket_size: int) -> DistributedOptimizer:
         return DistributedOptimizer(
-            [(model.dense_parameters(), dist.group.WORLD),
+            [(model.dense_parameters(), self.dp_group),
              DataParallelParams([model.experts], self.edp_group, grad_divisor=self.dp)],
             lr=LRS[0], betas=BETAS, eps=EPS, weight_decay=WD, bucket_size=bucket_size)
 
@@ -280,16 +280,19 @@ def run_allreduce_gradients():
         p.grad = grad(i, rank)
     params[3].grad = grad(3, rank).t().contiguous().t()  # strided .grad
     params[1].grad = None if rank == 0 else params[1].grad  # None counts as zero
-    allreduce_gradients(params, dist.group.WORLD, bucket_bytes=64)  # 16 fp32 per bucket: some larger
+    allreduce_gradients(params, Group(dist.group.WORLD, "dp"), bucket_bytes=64)  # 16 fp32 per bucket: some larger
     for i, p in enumerate(params):
         expected = sum(grad(i, r) for r in range(world) if not (i == 1 and r == 0)) / world
         assert rel_err(p.grad, expected) <= TOL, f"param {i}"
 
     # expert-style: summed over a subgroup, divided by the full dp
-    sub = [dist.new_group([r for r in range(world) if r % 2 == parity]) for parity in (0, 1)][rank % 2]
+    subgroups = [dist.new_group([r for r in range(world) if r % 2 == parity]) for parity in (0, 1)]
+    sub = Group(subgroups[rank % 2], "edp")
     p = nn.Parameter(torch.zeros(5))
     p.grad = torch.full((5,), float(rank))
     allreduce_gradients([p], sub, grad_divisor=world)
+    with pytest.raises(TypeError, match="Group"):  # a raw process group is a mistake, not size 1
+        allreduce_gradients([p], dist.group.WORLD)
     assert torch.allclose(p.grad, torch.full((5,), sum(r for r in range(world) if r % 2 == rank % 2) / world))
     return True
 
@@ -307,7 +310,7 @@ def run_model_parallel_norm():
     dp_rank, mp_rank = rank // 2, rank % 2
     dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     mp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    dp_group, mp_group = dp_groups[mp_rank], mp_groups[dp_rank]
+    dp_group, mp_group = Group(dp_groups[mp_rank], "dp"), Group(mp_groups[dp_rank], "model")
     w = nn.Parameter(_seeded(10 + mp_rank, 3, 5))
     n = nn.Parameter(_seeded(20, 5))
     kwargs = dict(MP_KWARGS, bucket_size=7, model_parallel_group=mp_group)

@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from megads.model.moe import grouped_swiglu
-from parallel.distributed_testing import run_distributed
 from parallel.expert import AllToAllTokenDispatcher, LocalTokenDispatcher, make_token_dispatcher
+from parallel.group import Group
+from tools.harness.distributed import run_distributed
 
 H, I, K = 8, 6, 2
 TOL = 1e-5
@@ -83,7 +84,7 @@ def assert_close(actual, expected, what):
 def check_ep(scenarios, num_experts):
     """On every rank: EP vs the single-process reference for each scenario (rank-major token order)."""
     ep, rank = dist.get_world_size(), dist.get_rank()
-    dispatcher = make_token_dispatcher(num_experts, dist.group.WORLD)
+    dispatcher = make_token_dispatcher(num_experts, Group.world("ep"))
     assert isinstance(dispatcher, AllToAllTokenDispatcher)
     local = slice(rank * num_experts // ep, (rank + 1) * num_experts // ep)
     assert dispatcher.local_experts == range(local.start, local.stop)
@@ -130,7 +131,7 @@ def test_factory_returns_local_dispatcher_without_expert_parallelism():
 
 
 def _factory_on_size_one_group():
-    return type(make_token_dispatcher(8, dist.group.WORLD)).__name__
+    return type(make_token_dispatcher(8, Group.world("ep"))).__name__
 
 
 def test_factory_size_one_group_is_local():

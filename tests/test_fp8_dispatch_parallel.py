@@ -10,7 +10,7 @@ convert_to_fp8 when Fp8Config.dispatch is set. Checked here:
   a hidden size that is not a multiple of 128 (a ragged last tile), also with a rank that has no
   token (it encodes and sends zero rows);
 - the bytes: the forward token exchange moves (H + ceil(H/128)) / (4H) of its FP32 bytes (exactly,
-  from parallel.comm_stats), the gates, the combine and the whole backward are unchanged;
+  from tools.harness.comm_stats), the gates, the combine and the whole backward are unchanged;
 - the straight-through gradient: encode/decode is the identity for autograd;
 - the whole model (convert_to_fp8 with dispatch) at EP = 2 against EP = 1: loss and reduced
   gradients agree to 1e-5 (seen: about 1e-7), because EP = 1 quantizes the same tokens, except the
@@ -38,12 +38,15 @@ from megads.fp8.dispatch import Fp8DispatchCodec, dispatch_row_bytes, pack_for_d
 from megads.model.model import build_model, gather_full
 from megads.model.moe import MoE, grouped_swiglu
 from megads.train.optimizer import expert_parameters
-from parallel.comm_stats import count_collectives
-from parallel.data import allreduce_gradients
-from parallel.distributed_testing import run_distributed
+from parallel.data_parallel import allreduce_gradients
 from parallel.expert import AllToAllTokenDispatcher, LocalTokenDispatcher, make_token_dispatcher
-from parallel.topology import Topology, init_distributed
+from megads.train.trainer import parallel_context
+from parallel.context import ParallelContext
+from parallel.group import Group
 from test_fp8_model import calc_diff, pin_routing, record_routing
+from tools.harness.comm_stats import count_collectives
+from tools.harness.distributed import run_distributed
+from tiny_model import tiny_config
 
 TOL = 1e-5
 
@@ -105,16 +108,16 @@ def check_dispatch(counts: list[int]):
 
     result = {"rel_err": {}, "bytes": {}}
     for codec in (None, Fp8DispatchCodec()):
-        dispatcher = make_token_dispatcher(E, dist.group.WORLD, codec=codec)
+        dispatcher = make_token_dispatcher(E, Group.world("ep"), codec=codec)
         assert isinstance(dispatcher, AllToAllTokenDispatcher) and dispatcher.codec is codec
         hidden, topk, gates, upstream = (t.clone() for t in per_rank[rank])
         # Forward dispatch alone, then the whole step, each counted on its own.
-        with count_collectives() as fwd:
+        with count_collectives(dispatcher.ep) as fwd:
             _, _, _, state = dispatcher.dispatch(hidden, topk, gates)
-        with count_collectives() as whole:
+        with count_collectives(dispatcher.ep) as whole:
             out, grads, tokens = moe_step(dispatcher, hidden, topk, gates, upstream, gate_up[local], down[local])
         key = "fp8" if codec else "fp32"
-        result["bytes"][key] = (fwd.bytes("all_to_all_single"), whole.bytes("all_to_all_single"),
+        result["bytes"][key] = (fwd.bytes("all_to_all"), whole.bytes("all_to_all"),
                                 sum(state.send_splits))
         if codec is None:
             continue
@@ -195,8 +198,8 @@ FP8 = Fp8Config(dispatch=True)
 
 
 def make_config(ep=1):
-    return config_from_dict({"model": MODEL, "train": TRAIN, "parallel": {"expert_parallel": ep},
-                             "fp8": {"enabled": True, "dispatch": True}})
+    return tiny_config({"model": MODEL, "train": TRAIN, "parallel": {"expert_parallel": ep},
+                        "fp8": {"enabled": True, "dispatch": True}})
 
 
 def batch():
@@ -204,7 +207,7 @@ def batch():
                          generator=torch.Generator().manual_seed(9))
 
 
-def model_step(cfg, topo):
+def model_step(cfg, ctx):
     """Losses and full gradients of the global batch, split over DP ranks (EP = 2: 2 ranks) or, in one
     process, run as the same two micro-batches with gradient accumulation; reduced as the optimizer
     reduces them (dense: mean over DP; experts: sum over their EDP replicas / DP).
@@ -213,10 +216,10 @@ def model_step(cfg, topo):
     operands in 1x128 tiles along the *token* axis, so which tokens one GEMM sees (a micro-batch, a
     DP rank) changes its rounding; the EP run's dense layers see exactly one micro-batch each.
     """
-    model = convert_to_fp8(build_model(cfg.model, seed=cfg.train.seed, ep_group=topo.ep_group).train(), FP8)
-    micro = 2 // topo.dp_size
-    per_rank = cfg.train.global_batch_size // topo.dp_size
-    mine = batch()[topo.dp_rank * per_rank:(topo.dp_rank + 1) * per_rank]
+    model = convert_to_fp8(build_model(cfg.model, seed=cfg.train.seed, ctx=ctx).train(), FP8)
+    micro = 2 // ctx.dp.size
+    per_rank = cfg.train.global_batch_size // ctx.dp.size
+    mine = batch()[ctx.dp.rank * per_rank:(ctx.dp.rank + 1) * per_rank]
     losses = torch.zeros(2)
     for chunk in mine.chunk(micro):
         out = model.compute_loss(chunk[:, :-1], chunk[:, 1:])
@@ -224,11 +227,9 @@ def model_step(cfg, topo):
         losses += torch.stack([out.lm_loss.detach(), out.mtp_loss.detach()]) / micro
     experts = expert_parameters(model)
     ids = {id(p) for p in experts}
-    allreduce_gradients(experts, topo.edp_group, grad_divisor=topo.dp_size)
-    allreduce_gradients([p for p in model.parameters() if id(p) not in ids], topo.dp_group)
-    if topo.dp_size > 1:
-        dist.all_reduce(losses, group=topo.dp_group)
-        losses /= topo.dp_size
+    allreduce_gradients(experts, ctx.edp, grad_divisor=ctx.dp.size)
+    allreduce_gradients([p for p in model.parameters() if id(p) not in ids], ctx.dp)
+    losses = ctx.dp.sum(losses) / ctx.dp.size
     owners = model._parameter_owners()
     grads = {name: gather_full(*owners[name], p.grad) for name, p in model.named_parameters()}
     dispatchers = {type(m.dispatcher).__name__ for m in model.modules() if isinstance(m, MoE)}
@@ -237,9 +238,9 @@ def model_step(cfg, topo):
 
 def _ep_worker():
     cfg = make_config(ep=2)
-    topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
-    assert topo.ep_size == 2 and topo.dp_size == 2
-    return model_step(cfg, topo)
+    ctx = parallel_context(cfg)
+    assert ctx.ep.size == 2 and ctx.dp.size == 2
+    return model_step(cfg, ctx)
 
 
 def test_model_ep2_with_fp8_dispatch_matches_ep1():
@@ -248,7 +249,7 @@ def test_model_ep2_with_fp8_dispatch_matches_ep1():
     token-axis tiles of the weight gradient group other tokens (a property of FP8 weight gradients
     under any change of token grouping, not of the dispatch); they agree to calc_diff <= 2e-3
     (seen 3.5e-4)."""
-    ref_losses, ref_grads, ref_kinds, _ = model_step(make_config(), Topology())
+    ref_losses, ref_grads, ref_kinds, _ = model_step(make_config(), ParallelContext.single())
     assert ref_kinds == {"LocalTokenDispatcher"}
     results = run_distributed(_ep_worker, 2, timeout_s=90)
     losses, grads, kinds, nonfinite = results[0]
@@ -362,6 +363,6 @@ def test_nonfinite_token_in_dispatch_is_reported_under_the_experts():
 
 def test_config_rules():
     with pytest.raises(ConfigError, match="fp8.dispatch .*needs fp8.enabled"):
-        config_from_dict({"fp8": {"dispatch": True}})
-    cfg = config_from_dict({"fp8": {"enabled": True, "dispatch": True}, "parallel": {"expert_parallel": 2}})
+        tiny_config({"fp8": {"dispatch": True}})
+    cfg = tiny_config({"fp8": {"enabled": True, "dispatch": True}, "parallel": {"expert_parallel": 2}})
     assert cfg.fp8.dispatch

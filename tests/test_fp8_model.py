@@ -34,7 +34,7 @@ from torch import nn
 from megads.config import config_from_dict
 from megads.fp8 import (
     Fp8Config,
-    Fp8Linear,
+    Fp8LocalGemm,
     Fp8RoutedExperts,
     convert_to_fp8,
     found_nonfinite,
@@ -135,7 +135,7 @@ def test_which_modules_are_converted(q_lora_rank):
     convert_to_fp8(model, Fp8Config())
     modules = dict(model.named_modules())
 
-    fp8 = {n for n, m in modules.items() if isinstance(m, Fp8Linear)}
+    fp8 = {n for n, m in modules.items() if isinstance(m, Fp8LocalGemm)}
     assert fp8 == set(linears) - {"lm_head"}
     for name in fp8:                                       # the parallel classes are kept (their attributes too)
         assert isinstance(modules[name], linears[name])

@@ -40,18 +40,14 @@ from megads.config import config_from_dict
 from megads.fp8 import Fp8ColumnParallelLinear, Fp8Config, Fp8Linear, Fp8RowParallelLinear, convert_to_fp8, fp8_stats
 from megads.model.model import build_model, gather_full
 from megads.train.optimizer import expert_parameters
-from megads.train.trainer import router_parameters
-from parallel.data import allreduce_gradients
-from parallel.distributed_testing import run_distributed
-from parallel.tensor import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    allreduce_sequence_parallel_grads,
-    gather_along_dim,
-    shard_for_rank,
-)
-from parallel.topology import Topology, init_distributed
+from megads.train.trainer import parallel_context
+from parallel.context import ParallelContext
+from parallel.data_parallel import allreduce_gradients
+from parallel.grad_duties import sum_partial_grads
+from parallel.tensor import ColumnParallelLinear, RowParallelLinear, gather_along_dim, shard_for_rank
 from test_fp8_model import calc_diff
+from tools.harness.distributed import run_distributed
+from tiny_model import tiny_config
 
 TOL = 1e-5
 COMMON = dict(vocab_size=64, num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=4,
@@ -97,7 +93,8 @@ def layer_case(kind: str, options: dict, width: int, group):
     (y_ref * g).sum().backward()
 
     cls = ColumnParallelLinear if kind == "column" else RowParallelLinear
-    layer = cls(k, n, tp_group=group, **options)
+    ctx = ParallelContext.from_groups(tp=group, sequence_parallel=options.get("sequence_parallel", False))
+    layer = cls(k, n, ctx, **{key: value for key, value in options.items() if key != "sequence_parallel"})
     layer.load_full_weight(full)
     convert_to_fp8(layer, Fp8Config())
     assert type(layer) is (Fp8ColumnParallelLinear if kind == "column" else Fp8RowParallelLinear)
@@ -123,7 +120,7 @@ def layer_case(kind: str, options: dict, width: int, group):
     (y * g_local).sum().backward()
     assert layer.fp8_stats.gemms == 3
     return [(y.detach(), expected_y.detach()), (x_in.grad, expected_dx),
-            (gather_along_dim(layer.weight.grad, layer.partition_dim, group), ref.weight.grad)]
+            (gather_along_dim(layer.weight.grad, layer.partition_dim, ctx.tp), ref.weight.grad)]
 
 
 LAYER_CASES = [("column", {}), ("column", {"gather_output": True}), ("column", {"sequence_parallel": True}),
@@ -147,33 +144,28 @@ def check_layers():
 
 
 def make_config(model, tp=1, sp=False):
-    return config_from_dict({"model": model, "train": TRAIN, "fp8": {"enabled": True},
-                             "parallel": {"tensor_parallel": tp, "sequence_parallel": sp}})
+    return tiny_config({"model": model, "train": TRAIN, "fp8": {"enabled": True},
+                        "parallel": {"tensor_parallel": tp, "sequence_parallel": sp}})
 
 
-def model_step(cfg, topo):
+def model_step(cfg, ctx):
     """(lm, mtp, balance) losses and full gradients of one FP8 forward/backward, reduced as the trainer
     reduces them under TP (routers and, under SP, the TP-replicated parameters summed over TP)."""
     ids = torch.randint(0, cfg.model.vocab_size, (2, TRAIN["seq_length"] + 1),
                         generator=torch.Generator().manual_seed(7))
-    model = build_model(cfg.model, seed=cfg.train.seed, tp_group=topo.tp_group,
-                        sequence_parallel=topo.sequence_parallel)
+    model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx)
     convert_to_fp8(model.train(), Fp8Config())
     out = model.compute_loss(ids[:, :-1], ids[:, 1:])
     out.loss.backward()
-    if topo.tp_size > 1:
-        allreduce_gradients(router_parameters(model), topo.tp_group, grad_divisor=1)
-    allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), topo.tp_group)
-    allreduce_gradients(expert_parameters(model), topo.edp_group, grad_divisor=topo.dp_size)
-    balance = out.balance_loss.detach().clone()
-    if topo.tp_size > 1:
-        dist.all_reduce(balance, group=topo.tp_group)
+    sum_partial_grads(model.parameters(), ctx)
+    allreduce_gradients(expert_parameters(model), ctx.edp, grad_divisor=ctx.dp.size)
+    balance = ctx.tp.sum(out.balance_loss.detach())
     owners = model._parameter_owners()
     grads = {name: gather_full(*owners[name], p.grad) for name, p in model.named_parameters()}
     stats = fp8_stats(model)
     assert stats["nonfinite"] == 0 and stats["gemms"] > 0
     sharded = sum(1 for m in model.modules() if isinstance(m, (Fp8ColumnParallelLinear, Fp8RowParallelLinear))
-                  and m.tp_size == topo.tp_size)
+                  and m.tp_size == ctx.tp.size)
     return [out.lm_loss.item(), out.mtp_loss.item(), balance.item()], grads, sharded
 
 
@@ -182,9 +174,9 @@ def _worker():
     for name, model in (("aligned", ALIGNED), ("small", SMALL)):
         for sp in (False, True):
             cfg = make_config(model, tp=2, sp=sp)
-            topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
-            assert topo.tp_size == 2 and topo.sequence_parallel == sp
-            result[(name, sp)] = model_step(cfg, topo)
+            ctx = parallel_context(cfg)
+            assert ctx.tp.size == 2 and ctx.sequence_parallel == sp
+            result[(name, sp)] = model_step(cfg, ctx)
     return result if dist.get_rank() == 0 else None
 
 
@@ -197,7 +189,7 @@ def token_grouped(name: str, sp: bool) -> bool:
 
 @pytest.fixture(scope="module")
 def results():
-    refs = {name: model_step(make_config(model), Topology())
+    refs = {name: model_step(make_config(model), ParallelContext.single())
             for name, model in (("aligned", ALIGNED), ("small", SMALL))}
     return run_distributed(_worker, 2, timeout_s=120)[0], refs
 

@@ -143,7 +143,7 @@ def test_save_hf_loads_in_transformers(tmp_path, monkeypatch):
     cfg = tiny_cfg(q_lora_rank=16, rope_scaling=YARN, n_group=2, topk_group=1, num_nextn_predict_layers=1)
     model = megads_model(cfg)
     lines = []
-    monkeypatch.setattr("megads.hf.PROGRESS_EVERY_S", 0.0)  # a progress line for every tensor
+    monkeypatch.setattr("megads.hf.io.PROGRESS_EVERY_S", 0.0)  # a progress line for every tensor
     save_hf(model, tmp_path / "hf", log=lines.append)
     assert sum("so far" in line for line in lines) > 100
     assert "done" in lines[-1] and "tensors" in lines[-1]
@@ -240,8 +240,8 @@ def test_mtp_matches_transformers_mtp_layer(tmp_path):
 
     ids, next_ids = token_ids(2), token_ids(3)
     with torch.no_grad():
-        cos, sin = model._positions(ids)
-        hidden = model.hidden_states(ids, cos, sin)
+        cos, sin = model.positions(ids.shape[1], ids.device)
+        hidden = model.forward_stage(ids)
         ours = model.mtp[0].shared_head.norm(model.mtp[0](hidden, model.embed_tokens(next_ids), cos, sin))
         positions = torch.arange(SEQ).expand(ids.shape[0], -1)
         theirs = mtp.forward_layer(0, hidden, positions, None, input_ids=next_ids)
@@ -473,7 +473,7 @@ def test_writes_are_atomic_and_never_overwrite(sharded_hf_dir, tmp_path, monkeyp
         yield "model.embed_tokens.weight", getter("embed_tokens.weight")
         raise OSError("disk full")
 
-    monkeypatch.setattr("megads.hf.megads_tensors_to_hf", failing_stream)
+    monkeypatch.setattr("megads.hf.io.megads_tensors_to_hf", failing_stream)
     with pytest.raises(OSError, match="disk full"):
         save_hf(megads_model(tiny_cfg()), tmp_path / "new", log=quiet)
     assert not (tmp_path / "new").exists()
@@ -491,11 +491,12 @@ def test_writes_are_atomic_and_never_overwrite(sharded_hf_dir, tmp_path, monkeyp
 MEMORY_PROBE = textwrap.dedent("""
     import gc, json, sys, threading, time
     from pathlib import Path
-    from megads.config import Config, config_from_dict, dump_config
+    from megads.config import Config, dump_config
     from megads.hf import export_hf, import_hf, megads_state_shapes
     from megads.model.model import build_model
     from megads.shards import ShardedReader
     from megads.train.checkpoint import finalize_directory, write_model_weights
+    from tiny_model import tiny_config
 
     def rss_anon():
         with open("/proc/self/status") as status:
@@ -516,7 +517,7 @@ MEMORY_PROBE = textwrap.dedent("""
             self.growth = max(self.peak, rss_anon()) - self.base
 
     root, shard = Path(sys.argv[1]), int(sys.argv[2])
-    cfg = config_from_dict({"model": dict(
+    cfg = tiny_config({"model": dict(
         vocab_size=4096, hidden_size=256, num_hidden_layers=8, first_k_dense_replace=0, num_attention_heads=4,
         kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=32,
         num_experts_per_tok=4, moe_intermediate_size=128, num_nextn_predict_layers=1)}).model
@@ -550,7 +551,7 @@ MEMORY_PROBE = textwrap.dedent("""
 def test_conversions_stream_in_about_one_layer_plus_one_shard(tmp_path):
     shard = 8 * 2**20
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path), str(shard)], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -26,7 +26,7 @@ rounding, not bit for bit:
 
 Sequence-parallel layouts (suffix -sp) run the same checks: the residual stream is split into
 sequence chunks on TP ranks, MoE routes the chunks (no batch split), and the TP-replicated
-parameters' partial gradients are summed over TP as the trainer does. One of them also runs with
+parameters' partial gradients (which they declare) are summed over TP as the trainer does. One of them also runs with
 micro_batch_size 1 (not divisible by TP: allowed under SP). Every layout also checks that
 forward() returns the full logits.
 """
@@ -37,13 +37,15 @@ import pytest
 import torch
 
 from megads.config import config_from_dict
-from megads.model.model import build_model, gather_full
+from megads.model.model import gather_full
+from megads.train.model_stages import ModelStages
 from megads.train.optimizer import build_optimizer, expert_parameters
-from megads.train.trainer import router_parameters, train_step
-from parallel.data import allreduce_gradients
-from parallel.distributed_testing import run_distributed
-from parallel.tensor import allreduce_sequence_parallel_grads
-from parallel.topology import Topology, init_distributed
+from megads.train.trainer import parallel_context, train_step
+from parallel.context import ParallelContext
+from parallel.data_parallel import allreduce_gradients
+from parallel.grad_duties import partial_grad_group, sum_partial_grads
+from tools.harness.distributed import run_distributed
+from tiny_model import tiny_config
 
 MODEL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=64,
              num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
@@ -58,13 +60,12 @@ PARAM_TOLERANCE = 2e-3
 
 def make_config(tp=1, ep=1, sp=False, mbs=None):
     train = TRAIN if mbs is None else {**TRAIN, "micro_batch_size": mbs}
-    return config_from_dict({"model": MODEL, "train": train,
-                             "parallel": {"tensor_parallel": tp, "expert_parallel": ep, "sequence_parallel": sp}})
+    return tiny_config({"model": MODEL, "train": train,
+                        "parallel": {"tensor_parallel": tp, "expert_parallel": ep, "sequence_parallel": sp}})
 
 
-def make_model(cfg, topo):
-    return build_model(cfg.model, seed=cfg.train.seed, tp_group=topo.tp_group, ep_group=topo.ep_group,
-                       sequence_parallel=topo.sequence_parallel).train()
+def make_model(cfg, ctx):
+    return ModelStages(cfg, ctx).train()
 
 
 def global_batches():
@@ -77,48 +78,47 @@ def full_state(model):
     return {name: tensor.clone() for name, tensor in model.full_state()}
 
 
-def run_steps(cfg, topo, batches, start_states=None, keep_states=False):
+def run_steps(cfg, ctx, batches, start_states=None, keep_states=False):
     """Train on `batches` in turn: (records, final full state, full state before each step or None).
 
     With start_states, each step first loads start_states[step] (parameters and router biases) and
     builds a fresh optimizer: its loss and gradient norm (taken before the update) are then those
     of the run that produced the states, at the same parameters.
     """
-    model = make_model(cfg, topo)
-    optimizer = build_optimizer(model, cfg.train, topo)
-    per_rank = cfg.train.global_batch_size // topo.dp_size
+    model = make_model(cfg, ctx)
+    optimizer = build_optimizer(model, cfg.train, ctx)
+    per_rank = cfg.train.global_batch_size // ctx.dp.size
     mbs = cfg.train.micro_batch_size
     records, states = [], []
     for step, batch in enumerate(batches):
         if start_states is not None:
             model.load_full_state(start_states[step].__getitem__)
-            optimizer = build_optimizer(model, cfg.train, topo)
+            optimizer = build_optimizer(model, cfg.train, ctx)
         if keep_states:
             states.append(full_state(model))
-        mine = batch[topo.dp_rank * per_rank:(topo.dp_rank + 1) * per_rank]
+        mine = batch[ctx.dp.rank * per_rank:(ctx.dp.rank + 1) * per_rank]
         micro = [(mine[i:i + mbs, :-1], mine[i:i + mbs, 1:]) for i in range(0, per_rank, mbs)]
-        record = train_step(model, optimizer, cfg, step, micro, topo)
+        record = train_step(model, optimizer, cfg, step, micro)
         records.append({k: record[k] for k in ("loss", "mtp_loss", "balance_loss", "grad_norm", "skipped")})
     return records, full_state(model), states if keep_states else None
 
 
-def first_step_gradients(cfg, topo):
+def first_step_gradients(cfg, ctx):
     """Full gradients of one forward/backward on the first global batch, reduced as the optimizer
-    reduces them (dense: mean over DP; experts: sum over expert-data-parallel replicas / DP; router:
-    sum over TP ranks, which routed different sequences; under SP also the TP-replicated parameters).
-    Also returns forward()'s logits for the first two sequences (the same on every rank)."""
-    model = make_model(cfg, topo)
-    per_rank = cfg.train.global_batch_size // topo.dp_size
+    reduces them (dense: mean over DP; experts: sum over expert-data-parallel replicas / DP; the
+    declared partial gradients: sum over TP -- the router, whose TP ranks routed different
+    sequences, and under SP the TP-replicated parameters). Also returns forward()'s logits for the
+    first two sequences (the same on every rank)."""
+    model = make_model(cfg, ctx).models[0]
+    per_rank = cfg.train.global_batch_size // ctx.dp.size
     batch = global_batches()[0]
-    mine = batch[topo.dp_rank * per_rank:(topo.dp_rank + 1) * per_rank]
+    mine = batch[ctx.dp.rank * per_rank:(ctx.dp.rank + 1) * per_rank]
     model.compute_loss(mine[:, :-1], mine[:, 1:]).loss.backward()
     experts = expert_parameters(model)
     expert_ids = {id(p) for p in experts}
-    if topo.tp_size > 1:
-        allreduce_gradients(router_parameters(model), topo.tp_group, grad_divisor=1)
-    allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), topo.tp_group)
-    allreduce_gradients(experts, topo.edp_group, grad_divisor=topo.dp_size)
-    allreduce_gradients([p for p in model.parameters() if id(p) not in expert_ids], topo.dp_group)
+    sum_partial_grads(model.parameters(), ctx)
+    allreduce_gradients(experts, ctx.edp, grad_divisor=ctx.dp.size)
+    allreduce_gradients([p for p in model.parameters() if id(p) not in expert_ids], ctx.dp)
     owners = model._parameter_owners()
     grads = {name: gather_full(*owners[name], p.grad) for name, p in model.named_parameters()}
     with torch.no_grad():
@@ -126,20 +126,20 @@ def first_step_gradients(cfg, topo):
     return grads, logits
 
 
-def sequence_parallel_names(model):
-    ids = {id(p) for p in model.sequence_parallel_parameters()}
-    return sorted(name for name, p in model.named_parameters() if id(p) in ids)
+def partial_over_tp_names(model):
+    """Names of the parameters that declared a gradient partial over TP."""
+    return sorted(name for name, p, _ in model.named_owned_parameters() if partial_grad_group(p) == "tp")
 
 
 def layout_worker(tp, ep, sp, mbs, reference_states):
     cfg = make_config(tp, ep, sp, mbs)
-    topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
-    assert topo.sequence_parallel == sp
-    grads, logits = first_step_gradients(cfg, topo)
-    records, state, _ = run_steps(cfg, topo, global_batches())
-    same_parameter_records, _, _ = run_steps(cfg, topo, global_batches(), start_states=reference_states)
-    sp_names = sequence_parallel_names(make_model(cfg, topo))
-    return (records, same_parameter_records), (state, grads, logits, sp_names) if topo.rank == 0 else None
+    ctx = parallel_context(cfg)
+    assert ctx.sequence_parallel == sp
+    grads, logits = first_step_gradients(cfg, ctx)
+    records, state, _ = run_steps(cfg, ctx, global_batches())
+    same_parameter_records, _, _ = run_steps(cfg, ctx, global_batches(), start_states=reference_states)
+    partial_names = partial_over_tp_names(make_model(cfg, ctx))
+    return (records, same_parameter_records), (state, grads, logits, partial_names) if ctx.rank == 0 else None
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,8 @@ def reference():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        grads, logits = first_step_gradients(make_config(), Topology())
-        records, state, states = run_steps(make_config(), Topology(), global_batches(), keep_states=True)
+        grads, logits = first_step_gradients(make_config(), ParallelContext.single())
+        records, state, states = run_steps(make_config(), ParallelContext.single(), global_batches(), keep_states=True)
         return records, (state, grads, logits, states)
     finally:
         torch.set_num_threads(threads)
@@ -169,7 +169,8 @@ def layout_id(world, tp, ep, sp, mbs):
     return f"tp{tp}-dp{world // tp}-ep{ep}" + ("-sp" if sp else "") + (f"-mbs{mbs}" if mbs else "")
 
 
-# Under SP: every TP-replicated parameter except the routers (summed over TP by the trainer anyway).
+# Under SP: every TP-replicated parameter besides the routers (which declare a partial gradient under any TP).
+ROUTER_PATTERN = r"(layers\.\d+|mtp\.\d+\.block)\.mlp\.gate\.weight"
 SP_PARAMETER_PATTERN = (r"(layers\.\d+|mtp\.\d+\.block)\.(input_layernorm|post_attention_layernorm|"
                         r"self_attn\.(q_a_proj|q_a_layernorm|kv_a_proj_with_mqa|kv_a_layernorm))\.weight"
                         r"|norm\.weight|mtp\.\d+\.(enorm|hnorm|eh_proj|shared_head\.norm)\.weight")
@@ -179,8 +180,12 @@ SP_PARAMETER_PATTERN = (r"(layers\.\d+|mtp\.\d+\.block)\.(input_layernorm|post_a
 def test_layout_matches_single_process(world, tp, ep, sp, mbs, reference):
     ref_records, (ref_state, ref_grads, ref_logits, ref_states) = reference
     results = run_distributed(layout_worker, world, args=(tp, ep, sp, mbs, ref_states), timeout_s=240)
-    (records, same_parameter_records), (state, grads, logits, sp_names) = results[0]
+    (records, same_parameter_records), (state, grads, logits, partial_names) = results[0]
     assert rel_err(logits, ref_logits) <= 1e-5, "forward() logits"
+    routers = [name for name in partial_names if re.fullmatch(ROUTER_PATTERN, name)]
+    sp_names = [name for name in partial_names if name not in routers]
+    # 2 MoE layers + the MTP block's MoE: their routers' gradients are partial whenever TP > 1
+    assert len(routers) == (3 if tp > 1 else 0), partial_names
     if sp:
         assert all(re.fullmatch(SP_PARAMETER_PATTERN, name) for name in sp_names), sp_names
         # 3 layers + 1 MTP block: 2 norms + 4 MLA low-rank params each; the final norm; MTP's own 4

@@ -547,7 +547,7 @@ def test_losses_match_hand_computation():
 
     with torch.no_grad():
         cos, sin = model.rotary(torch.arange(seq))
-        h = model.hidden_states(ids, cos, sin)
+        h = model.forward_stage(ids)
         head = model.lm_head.weight
         lm = ref_cross_entropy(rms(h, model.norm.weight) @ head.T, labels)
         mtp = []

@@ -1,7 +1,7 @@
 """PipelineExecutor (parallel/pipeline/executor.py) runs every schedule to the same loss and
 gradients as one process running the whole stack of stages.
 
-Multi-rank checks run PP = 2 and 4 CPU processes with gloo (parallel/distributed_testing.py): for
+Multi-rank checks run PP = 2 and 4 CPU processes with gloo (tools/harness/distributed.py): for
 each schedule at its minimum micro-batch count and a larger valid one, the mean loss and every
 parameter gradient of every stage match a single-process reference (fp32, relative error <= 1e-5;
 DualPipe's two copies of a stage summed first). One rank process per PP runs all the cases, so
@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from parallel.distributed_testing import run_distributed
 from parallel.pipeline import Kind, Op, Schedule, build_schedule
-from parallel.pipeline.executor import (PipelineExecutor, _split_input_backward, make_stage_modules,
-                                        pipeline_mean_loss, sum_duplicate_stage_grads)
+from parallel.pipeline.executor import PipelineExecutor
+from parallel.pipeline.stage_copies import sum_duplicate_stage_grads
+from parallel.pipeline.weight_grad_split import _split_input_backward
+from tools.harness.distributed import run_distributed
+from tools.harness.pipeline import make_stage_modules, pipeline_mean_loss
 
 HIDDEN = 16
 ROWS = 3          # rows per micro-batch

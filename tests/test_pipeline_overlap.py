@@ -1,14 +1,14 @@
-"""Overlapped F&B (parallel/pipeline/overlap.py) and its lanes (parallel/lanes.py).
+"""Overlapped F&B (parallel/pipeline/overlap.py) and its lanes and twin groups (parallel/twin_groups.py).
 
-- With ``parallel.overlap: true`` a DualPipe / DualPipeV training step through `PipelineStages`
+- With ``parallel.overlap: true`` a DualPipe / DualPipeV training step through `ModelStages`
   (the full model: MLA, MoE with expert parallelism or tensor parallelism, MTP, ZeRO-1 AdamW with
   clipping) gives exactly the step it gives without overlap: the same loss and gradient norm and
   bitwise the same parameters after the optimizer step, on every rank. Same ops in the same order
   per lane, same reduction algorithm on the twin groups: nothing may differ.
 - The two halves of an FB op really run at the same time (their recorded intervals intersect):
   a property of threads, not a timing ratio.
-- `lane_group` picks twins only in lane 1, and two threads can run collectives concurrently on a
-  group and its twin.
+- A Group issues on its twin only in the backward lane, and two threads can run collectives
+  concurrently on a group and its twin.
 """
 
 import threading
@@ -18,19 +18,20 @@ import torch
 import torch.distributed as dist
 
 from megads.config import config_from_dict
+from megads.train.model_stages import ModelStages
 from megads.train.optimizer import build_optimizer
-from megads.train.pipeline import PipelineStages
-from megads.train.trainer import train_step
-from parallel import lanes
-from parallel.distributed_testing import run_distributed
-from parallel.topology import init_distributed
+from megads.train.trainer import parallel_context, train_step
+from parallel.group import Group
+from parallel.twin_groups import BACKWARD_LANE, FORWARD_LANE, Lanes, create_twins
 from test_pipeline_train import MODEL, TRAIN, global_batch, my_micro_batches
+from tools.harness.distributed import run_distributed
+from tiny_model import tiny_config
 
 RECORD_KEYS = ("loss", "mtp_loss", "balance_loss", "grad_norm", "skipped")
 
 
 def make_config(schedule, overlap, n, sp=False, mbs=1, dp=1, tp=1, ep=1):
-    return config_from_dict({
+    return tiny_config({
         "model": MODEL, "train": {**TRAIN, "global_batch_size": n * mbs * dp, "micro_batch_size": mbs},
         "parallel": {"pipeline_parallel": 2, "schedule": schedule, "tensor_parallel": tp, "expert_parallel": ep,
                      "sequence_parallel": sp, "overlap": overlap}})
@@ -43,14 +44,14 @@ def step_worker(cases, layout):
     results = []
     for schedule, n, sp, overlap in cases:
         cfg = make_config(schedule, overlap, n, sp, **layout)
-        topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
-        model = PipelineStages(cfg, topo).train()
+        ctx = parallel_context(cfg)
+        model = ModelStages(cfg, ctx).train()
         runner = model.executor.fb_runner
         assert (runner is not None) == overlap
-        optimizer = build_optimizer(model, cfg.train, topo, duplicated_elsewhere=model.duplicated_elsewhere)
-        batches = my_micro_batches(global_batch(cfg.train.global_batch_size), topo.dp_rank, topo.dp_size,
+        optimizer = build_optimizer(model, cfg.train, ctx)
+        batches = my_micro_batches(global_batch(cfg.train.global_batch_size), ctx.dp.rank, ctx.dp.size,
                                    cfg.train.micro_batch_size)
-        record = train_step(model, optimizer, cfg, 0, batches, topo)
+        record = train_step(model, optimizer, cfg, 0, batches)
         params = {name: p.detach().clone() for name, p in model.named_parameters()}
         timings = [(t.forward_start, t.forward_end, t.backward_start, t.backward_end)
                    for t in runner.timings] if overlap else None
@@ -110,6 +111,7 @@ class _LaneProbe(torch.autograd.Function):
     """Records the lane its backward runs in."""
 
     seen = []
+    lanes = None
 
     @staticmethod
     def forward(ctx, x):
@@ -117,44 +119,46 @@ class _LaneProbe(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _LaneProbe.seen.append(lanes.current_lane())
+        _LaneProbe.seen.append(BACKWARD_LANE if _LaneProbe.lanes.in_backward_lane() else FORWARD_LANE)
         return grad
 
 
 def lanes_worker():
     rank, world = dist.get_rank(), dist.get_world_size()
+    lanes = Lanes()
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]       # every rank creates every group
     singles = [dist.new_group([r]) for r in range(world)]
-    pair, single = pairs[rank // 2], singles[rank]
-    other_pair = dist.new_group([0, 1])                            # same ranks as `pairs[0]`: shares its twin
+    pair, single = Group(pairs[rank // 2], "pair", lanes), Group(singles[rank], "single", lanes)
+    other_pair = Group(dist.new_group([0, 1]), "other", lanes)     # same ranks as `pairs[0]`: shares its twin
+    none = Group(None, "none", lanes)
     out = {}
-    twins = lanes.create_lane_twins([pair, single, None] + ([other_pair] if rank < 2 else []))
-    twin = twins[pair]
-    out["twinned"] = sorted(dist.get_process_group_ranks(g) for g in twins)
+    create_twins([pair, single, none] + ([other_pair] if rank < 2 else []))
+    twin = pair.twin
+    out["twinned"] = [g.name for g in (pair, single, none, other_pair) if g.twin is not None]
     out["twin_ranks"] = dist.get_process_group_ranks(twin)
-    out["twin_is_new"] = twin is not pair
-    out["shared_twin"] = (twins[other_pair] is twin) if rank < 2 else True
-    out["lane0"] = lanes.lane_group(pair) is pair
-    with lanes.use_lane(lanes.BACKWARD_LANE):
-        out["lane1"] = lanes.lane_group(pair) is twin
-        out["lane1_twin"] = lanes.lane_group(twin) is twin
-        out["lane1_single"] = lanes.lane_group(single) is single
-        out["lane1_none"] = lanes.lane_group(None) is None
-        untwinned = dist.new_group([0, 1, 2, 3])
+    out["twin_is_new"] = twin is not pair.pg
+    out["shared_twin"] = (other_pair.twin is twin) if rank < 2 else True
+    out["lane0"] = pair.current() is pair.pg
+    with lanes.use(BACKWARD_LANE):
+        out["lane1"] = pair.current() is twin
+        out["lane1_single"] = single.current() is single.pg
+        out["lane1_none"] = none.current() is None
+        untwinned = Group(dist.new_group([0, 1, 2, 3]), "untwinned", lanes)
         try:
-            lanes.lane_group(untwinned)
+            untwinned.current()
             out["untwinned_raises"] = False
         except RuntimeError:
             out["untwinned_raises"] = True
-    out["lane_after"] = lanes.current_lane()
+    out["lane_after"] = lanes.in_backward_lane()
 
-    # Rule 2: in an overlap window a thread without its own lane is in lane 1 while in a backward.
+    # Rule 2: in an overlap window a thread without its own lane is in the backward lane while in a backward.
     x = torch.ones(2, requires_grad=True)
     _LaneProbe.seen.clear()
+    _LaneProbe.lanes = lanes
     _LaneProbe.apply(x).sum().backward()
-    with lanes.overlap_window():
+    with lanes.window():
         _LaneProbe.apply(x).sum().backward()
-        out["window_forward_lane"] = lanes.current_lane()
+        out["window_forward_lane"] = lanes.in_backward_lane()
     out["probe_lanes"] = list(_LaneProbe.seen)
 
     # Two threads, one on the group and one on its twin, running collectives at the same time:
@@ -162,41 +166,40 @@ def lanes_worker():
     results = {}
 
     def reduce_many(lane, base):
-        with lanes.use_lane(lane):
+        with lanes.use(lane):
             values = []
             for i in range(50):
-                t = torch.tensor([float(base + i + dist.get_rank(pair))])
-                dist.all_reduce(t, group=lanes.lane_group(pair))
+                t = torch.tensor([float(base + i + pair.rank)])
+                pair.all_reduce(t)
                 values.append(t.item())
             results[lane] = values
 
-    worker = threading.Thread(target=reduce_many, args=(lanes.BACKWARD_LANE, 1000))
+    worker = threading.Thread(target=reduce_many, args=(BACKWARD_LANE, 1000))
     worker.start()
-    reduce_many(lanes.FORWARD_LANE, 0)
+    reduce_many(FORWARD_LANE, 0)
     worker.join()
     out["concurrent_ok"] = (results[0] == [2.0 * i + 1 for i in range(50)]
                             and results[1] == [2.0 * (1000 + i) + 1 for i in range(50)])
     return out
 
 
-def test_lane_group_twins():
+def test_twin_groups_and_lanes():
     results = run_distributed(lanes_worker, 4, timeout_s=60)
     for rank, out in enumerate(results):
+        assert out["twinned"] == (["pair", "other"] if rank < 2 else ["pair"]), rank   # not size 1
         mine = [0, 1] if rank < 2 else [2, 3]
-        assert out["twinned"] == ([mine, mine] if rank < 2 else [mine]), rank   # not the size-1 group nor None
         assert out["twin_ranks"] == mine and out["twin_is_new"] and out["shared_twin"], rank
-        for key in ("lane0", "lane1", "lane1_twin", "lane1_single", "lane1_none", "untwinned_raises",
-                    "concurrent_ok"):
+        for key in ("lane0", "lane1", "lane1_single", "lane1_none", "untwinned_raises", "concurrent_ok"):
             assert out[key], (rank, key)
-        assert out["lane_after"] == lanes.FORWARD_LANE
-        assert out["window_forward_lane"] == lanes.FORWARD_LANE
-        assert out["probe_lanes"] == [lanes.FORWARD_LANE, lanes.BACKWARD_LANE], rank
+        assert out["lane_after"] is False and out["window_forward_lane"] is False
+        assert out["probe_lanes"] == [FORWARD_LANE, BACKWARD_LANE], rank
 
 
 def test_runner_reraises_either_half_after_both_finished():
     from parallel.pipeline.overlap import OverlapRunner
 
-    runner = OverlapRunner()
+    lanes = Lanes()
+    runner = OverlapRunner(lanes)
     finished = []
 
     def slow_forward():
@@ -215,15 +218,15 @@ def test_runner_reraises_either_half_after_both_finished():
     seen = {}
 
     def forward():
-        seen["forward"] = (torch.is_grad_enabled(), lanes.current_lane())
+        seen["forward"] = (torch.is_grad_enabled(), lanes.in_backward_lane())
 
     def backward():
-        seen["backward"] = (torch.is_grad_enabled(), lanes.current_lane(), threading.current_thread().name)
+        seen["backward"] = (torch.is_grad_enabled(), lanes.in_backward_lane(), threading.current_thread().name)
 
     with torch.no_grad():
         runner(forward, backward)
-    assert seen["forward"] == (False, lanes.FORWARD_LANE)
-    assert seen["backward"] == (False, lanes.BACKWARD_LANE, "fb-backward")     # the caller's grad mode
+    assert seen["forward"] == (False, False)
+    assert seen["backward"] == (False, True, "fb-backward")                    # the caller's grad mode
     assert len(runner.timings) == 1
 
     def autocast_state():

@@ -1,15 +1,19 @@
-"""Pipeline stages of the model: chained, they compute exactly what the whole model computes."""
+"""Pipeline stages of the model as production runs them: chained, they compute exactly what the
+whole model computes; at PP = 1 the trainer's ModelStages runs the plain step."""
 
 import pytest
 import torch
 
-from megads.config import ModelConfig
+from megads.config import Config, TrainConfig
 from megads.model.model import build_model, split_layers, stage_specs
+from megads.train.model_stages import ModelStages, Stage
+from parallel.context import ParallelContext
+from tiny_model import tiny_model
 
-CFG = ModelConfig(vocab_size=80, hidden_size=32, num_hidden_layers=5, first_k_dense_replace=1, intermediate_size=48,
-                  num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                  v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2,
-                  topk_group=1, num_nextn_predict_layers=2, aux_loss_alpha=0.01)
+CFG = tiny_model(vocab_size=80, hidden_size=32, num_hidden_layers=5, first_k_dense_replace=1, intermediate_size=48,
+                 num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                 v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2,
+                 topk_group=1, num_nextn_predict_layers=2, aux_loss_alpha=0.01)
 
 
 def test_split_layers_balanced_and_explicit():
@@ -37,6 +41,9 @@ def test_stages_hold_their_parts():
 
 @pytest.mark.parametrize("num_stages, layers_per_stage", [(2, None), (3, None), (3, [1, 3, 1])])
 def test_chained_stages_equal_the_whole_model(num_stages, layers_per_stage):
+    """The stages as the executor runs them (`Stage`: the model's public stage API, with a non-last
+    stage's balance loss joining the backward through its output), chained by hand with detached
+    hand-overs as pipeline ranks do, give the whole model's loss and gradients."""
     gen = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, CFG.vocab_size, (2, 13), generator=gen)
     ids, labels = tokens[:, :-1], tokens[:, 1:]
@@ -45,27 +52,65 @@ def test_chained_stages_equal_the_whole_model(num_stages, layers_per_stage):
     want = whole.compute_loss(ids, labels)
     want.loss.backward()
 
-    stages = [build_model(CFG, seed=5, stage=s).train() for s in stage_specs(CFG, num_stages, layers_per_stage)]
-    hidden, total = None, 0
+    stages = [Stage(build_model(CFG, seed=5, stage=s).train()) for s in stage_specs(CFG, num_stages, layers_per_stage)]
+    recorded = {}
     for stage in stages:
-        out = stage.forward_stage(hidden, ids, labels)
-        if out.hidden is not None:
-            hidden = out.hidden
-            if out.balance_loss is not None:  # a stage's own MoE balance losses join its backward
-                total = total + out.balance_loss
-        else:
-            got = out.losses
-            total = total + got.loss
-    total.backward()
+        stage.record = lambda key, value: recorded.setdefault(key, []).append(value.item())
+    x, handed_over = ids, []
+    for stage in stages[:-1]:
+        out = stage(x)
+        x = out.detach().requires_grad_()
+        handed_over.append((out, x))
+    loss = stages[-1].loss(stages[-1](x), (ids, labels))
+    loss.backward()
+    for out, received in reversed(handed_over):
+        out.backward(received.grad)
 
-    assert total.item() == pytest.approx(want.loss.item(), rel=1e-6)
-    assert got.lm_loss.item() == pytest.approx(want.lm_loss.item(), rel=1e-6)
+    assert loss.item() + sum(recorded["balance_loss"][:-1]) == pytest.approx(want.loss.item(), rel=1e-6)
+    assert recorded["loss"] == [pytest.approx(want.lm_loss.item(), rel=1e-6)]
     for depth in range(CFG.num_nextn_predict_layers):
-        assert got.mtp_losses[depth].item() == pytest.approx(want.mtp_losses[depth].item(), rel=1e-6)
+        assert recorded[f"mtp_loss_depth_{depth + 1}"] == [pytest.approx(want.mtp_losses[depth].item(), rel=1e-6)]
     grads = {}
     for stage in stages:
-        for name, p in stage.named_parameters():
+        for name, p in stage.model.named_parameters():
             # the embedding's MTP copy on the last stage adds to the first stage's, as tied weights do
             grads[name] = grads[name] + p.grad if name in grads else p.grad
     for name, p in whole.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def one_rank_config(num_microbatches):
+    return Config(model=CFG, train=TrainConfig(global_batch_size=2 * num_microbatches, micro_batch_size=2,
+                                                seq_length=12, seed=5))
+
+
+@pytest.mark.parametrize("num_microbatches", [1, 3])
+def test_model_stages_on_one_rank_run_the_plain_step(num_microbatches):
+    """At PP = 1 the trainer's ModelStages (one stage, run by the executor's one-rank 1F1B) computes
+    the plain loop's losses and gradients: each micro-batch's loss / their number, backward."""
+    gen = torch.Generator().manual_seed(4)
+    batches = [(t[:, :-1], t[:, 1:]) for t in
+               (torch.randint(0, CFG.vocab_size, (2, 13), generator=gen) for _ in range(num_microbatches))]
+    whole = build_model(CFG, seed=5).train()
+    lm, mtp = 0.0, 0.0
+    for ids, labels in batches:
+        out = whole.compute_loss(ids, labels)
+        (out.loss / num_microbatches).backward()
+        lm += out.lm_loss.item() / num_microbatches
+        mtp += out.mtp_losses[0].item() / num_microbatches
+
+    stages = ModelStages(one_rank_config(num_microbatches), ParallelContext.single()).train()
+    assert stages.whole_model and list(stages.models) == [0]
+    metrics = stages.run(batches)
+    stages.finish_gradients()
+    assert metrics["loss"] == pytest.approx(lm, rel=1e-12)
+    assert metrics["mtp_loss_depth_1"] == pytest.approx(mtp, rel=1e-12)
+    got = dict(stages.named_parameters())
+    for name, p in whole.named_parameters():
+        assert torch.equal(got[f"0.{name}"].grad, p.grad), name   # bit for bit: the same ops in the same order
+
+    whole.eval()
+    stages.eval()
+    with torch.no_grad():
+        want_eval = sum(whole.compute_loss(ids, labels).lm_loss.item() for ids, labels in batches) / len(batches)
+    assert stages.evaluate_loss(batches) == pytest.approx(want_eval, rel=1e-12)

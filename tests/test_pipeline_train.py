@@ -1,6 +1,6 @@
 """Pipelined training steps equal the single-process step, for every schedule.
 
-`megads train`'s step (`train_step`) runs on `PipelineStages` over gloo ranks: the full model
+`megads train`'s step (`train_step`) runs on `ModelStages` over gloo ranks: the full model
 (MLA, a dense layer and MoE layers with balance loss and aux-free bias update, MTP with the shared
 embedding, ZeRO-1 AdamW with clipping active) is cut into the schedule's stages, and one step is
 compared with the single-process step on the same global batch:
@@ -23,12 +23,12 @@ import pytest
 import torch
 
 from megads.config import config_from_dict
-from megads.model.model import build_model
+from megads.train.model_stages import ModelStages
 from megads.train.optimizer import build_optimizer
-from megads.train.pipeline import PipelineStages
-from megads.train.trainer import train_step
-from parallel.distributed_testing import run_distributed
-from parallel.topology import Topology, init_distributed
+from megads.train.trainer import parallel_context, train_step
+from parallel.context import ParallelContext
+from tools.harness.distributed import run_distributed
+from tiny_model import tiny_config
 
 MODEL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=8, first_k_dense_replace=1, intermediate_size=48,
              num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
@@ -42,7 +42,7 @@ PARAM_TOLERANCE = 2e-3
 
 
 def make_config(schedule="1f1b", pp=1, n=1, mbs=1, dp=1, tp=1, ep=1, virtual=2, layers=None):
-    return config_from_dict({
+    return tiny_config({
         "model": MODEL, "train": {**TRAIN, "global_batch_size": n * mbs * dp, "micro_batch_size": mbs},
         "parallel": {"pipeline_parallel": pp, "schedule": schedule, "tensor_parallel": tp, "expert_parallel": ep,
                      "virtual_stages": virtual if schedule == "interleaved-1f1b" else 1,
@@ -85,14 +85,13 @@ class LiveSavedTensors:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
-def one_step(cfg, topo, model):
-    optimizer = build_optimizer(model, cfg.train, topo, duplicated_elsewhere=getattr(model, "duplicated_elsewhere",
-                                                                                     None))
-    batches = my_micro_batches(global_batch(cfg.train.global_batch_size), topo.dp_rank, topo.dp_size,
+def one_step(cfg, ctx, model):
+    optimizer = build_optimizer(model, cfg.train, ctx)
+    batches = my_micro_batches(global_batch(cfg.train.global_batch_size), ctx.dp.rank, ctx.dp.size,
                                cfg.train.micro_batch_size)
     saved = LiveSavedTensors()
     with saved.hooks():
-        record = train_step(model, optimizer, cfg, 0, batches, topo)
+        record = train_step(model, optimizer, cfg, 0, batches)
     gc.collect()
     # Every activation is freed by the end of the step, whatever the schedule (a split B/W backward
     # keeps graphs whole until W: anything still referring to one would keep all its activations).
@@ -103,9 +102,10 @@ def one_step(cfg, topo, model):
 def reference_step(n, mbs=1):
     """Single process: the record, gradients and parameters after one step on the same batch."""
     cfg = make_config(n=n, mbs=mbs)
-    model = build_model(cfg.model, seed=cfg.train.seed).train()
-    record, imbalance = one_step(cfg, Topology(), model)
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    ctx = ParallelContext.single()
+    model = ModelStages(cfg, ctx).train()
+    record, imbalance = one_step(cfg, ctx, model)
+    grads = {name: p.grad.clone() for name, p, _ in model.named_owned_parameters()}
     state = {name: t.clone() for name, t in model.full_state()}
     return record, imbalance, grads, state
 
@@ -117,16 +117,16 @@ def pipeline_cases_worker(cases, layout):
     results = []
     for schedule, n, *layers in cases:          # an optional third item: parallel.layers_per_stage
         cfg = make_config(schedule, n=n, layers=layers[0] if layers else None, **layout)
-        topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
-        model = PipelineStages(cfg, topo).train()
-        record, imbalance = one_step(cfg, topo, model)
-        plain = topo.tp_size == 1 and topo.ep_size == 1 and topo.dp_size == 1
+        ctx = parallel_context(cfg)
+        model = ModelStages(cfg, ctx).train()
+        record, imbalance = one_step(cfg, ctx, model)
+        plain = ctx.tp.size == 1 and ctx.ep.size == 1 and ctx.dp.size == 1
         grads = {name: p.grad.clone() for name, p, owned in model.named_owned_parameters() if owned} if plain else {}
         state = {}
         for name, t in model.full_state():
             assert name not in state, f"{name} written twice"
             state[name] = t.clone()
-        writes = topo.tp_rank == 0 and topo.dp_rank == 0
+        writes = ctx.tp.rank == 0 and ctx.dp.rank == 0
         layers = {stage: len(m.stage.layers) for stage, m in model.models.items()}
         results.append((record, imbalance, grads, state if writes else {}, layers))
     return results
@@ -225,18 +225,17 @@ def test_pipeline_with_tensor_expert_and_data_parallel():
 def test_layout_checks_the_derived_number_of_micro_batches():
     """parallel.micro_batches null: the schedule's needs are checked against global batch / (DP x micro
     batch) once the world size is known; a given value must agree with the batch sizes."""
-    from megads.config import ConfigError
-    from parallel.topology import validate_layout
+    from megads.config import ConfigError, validate
 
     cfg = make_config("dualpipe", pp=2, n=2)                    # 2 micro-batches, DualPipe needs 4
     with pytest.raises(ConfigError, match=r"the number of micro-batches per step.* must be at least 2 x"):
-        validate_layout(cfg.parallel, cfg.model, cfg.train, world_size=2)
+        validate(cfg, world_size=2)
     cfg = make_config("interleaved-1f1b", pp=2, n=3)
     with pytest.raises(ConfigError, match="must be a multiple of parallel.pipeline_parallel"):
-        validate_layout(cfg.parallel, cfg.model, cfg.train, world_size=2)
+        validate(cfg, world_size=2)
     cfg = make_config("1f1b", pp=2, n=4)
     cfg.parallel.micro_batches = 3
     with pytest.raises(ConfigError, match=r"parallel.micro_batches \(3\) must equal .* = 4"):
-        validate_layout(cfg.parallel, cfg.model, cfg.train, world_size=2)
+        validate(cfg, world_size=2)
     cfg.parallel.micro_batches = 4
-    validate_layout(cfg.parallel, cfg.model, cfg.train, world_size=2)
+    validate(cfg, world_size=2)

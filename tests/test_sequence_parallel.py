@@ -13,14 +13,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megads.config import ConfigError, config_from_dict, load_config
+from megads.config import ConfigError, load_config, validate
 from megads.model.model import build_model, gather_full
 from megads.train.optimizer import expert_parameters
-from megads.train.trainer import router_parameters, train
-from parallel.data import allreduce_gradients
-from parallel.distributed_testing import run_distributed
-from parallel.tensor import all_reduce_sum_of_shares, allreduce_sequence_parallel_grads
-from parallel.topology import Topology, init_distributed, validate_layout
+from megads.train.trainer import parallel_context, train
+from parallel.context import ParallelContext
+from parallel.data_parallel import allreduce_gradients
+from parallel.grad_duties import partial_grad_group, sum_partial_grads
+from parallel.group import Group
+from parallel.tensor import all_reduce_sum_of_shares
+from tools.harness.distributed import run_distributed
+from tiny_model import tiny_config, tiny_overrides
 
 MODEL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, first_k_dense_replace=1, intermediate_size=64,
              num_attention_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
@@ -30,8 +33,8 @@ TRAIN = dict(global_batch_size=2, micro_batch_size=1, seq_length=8, seed=3)
 
 
 def make_config(tp=1, sp=False, **train):
-    return config_from_dict({"model": MODEL, "train": {**TRAIN, **train},
-                             "parallel": {"tensor_parallel": tp, "sequence_parallel": sp}})
+    return tiny_config({"model": MODEL, "train": {**TRAIN, **train},
+                        "parallel": {"tensor_parallel": tp, "sequence_parallel": sp}})
 
 
 def rel_err(a, b):
@@ -44,14 +47,14 @@ def rel_err(a, b):
 def _check_all_reduce_sum_of_shares():
     r = dist.get_rank()
     x = torch.full((2, 3), float(r + 1), requires_grad=True)
-    y = all_reduce_sum_of_shares(x, dist.group.WORLD)
+    y = all_reduce_sum_of_shares(x, Group(dist.group.WORLD, "tp"))
     (y * (10.0 ** r)).sum().backward()  # rank r's loss holds its share: 10^r * the sum
     return y.detach(), x.grad
 
 
 def test_all_reduce_sum_of_shares():
     x = torch.ones(2)
-    assert all_reduce_sum_of_shares(x, None) is x
+    assert all_reduce_sum_of_shares(x, Group(None, "tp")) is x
     for y, grad in run_distributed(_check_all_reduce_sum_of_shares, 2):
         assert torch.equal(y, torch.full((2, 3), 3.0))  # 1 + 2
         assert torch.equal(grad, torch.full((2, 3), 11.0))  # d(sum of the ranks' losses)/dx = 1 + 10
@@ -62,10 +65,10 @@ def test_all_reduce_sum_of_shares():
 
 def test_sequence_parallel_lifts_the_micro_batch_rule():
     cfg = make_config(tp=2, sp=True)
-    validate_layout(cfg.parallel, cfg.model, cfg.train, world_size=2)  # micro_batch_size 1, TP 2: fine with SP
+    validate(cfg, world_size=2)  # micro_batch_size 1, TP 2: fine with SP
     cfg = make_config(tp=2)
     with pytest.raises(ConfigError, match="micro_batch_size"):
-        validate_layout(cfg.parallel, cfg.model, cfg.train, world_size=2)
+        validate(cfg, world_size=2)
     with pytest.raises(ConfigError, match="seq_length"):
         make_config(tp=2, sp=True, seq_length=7)
 
@@ -73,25 +76,20 @@ def test_sequence_parallel_lifts_the_micro_batch_rule():
 # ============================================================================ model against one process
 
 
-def gradients_and_losses(cfg, topo):
+def gradients_and_losses(cfg, ctx):
     """Reduced full gradients and losses of one forward/backward on a batch of 2 sequences, and the
     bf16-autocast loss and forward() logits of the same batch."""
     ids = torch.randint(0, MODEL["vocab_size"], (2, TRAIN["seq_length"] + 1),
                         generator=torch.Generator().manual_seed(5))
-    model = build_model(cfg.model, seed=cfg.train.seed, tp_group=topo.tp_group, ep_group=topo.ep_group,
-                        sequence_parallel=topo.sequence_parallel).train()
+    model = build_model(cfg.model, seed=cfg.train.seed, ctx=ctx).train()
     out = model.compute_loss(ids[:, :-1], ids[:, 1:])
     out.loss.backward()
-    if topo.tp_size > 1:
-        allreduce_gradients(router_parameters(model), topo.tp_group, grad_divisor=1)
-    allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), topo.tp_group)
-    allreduce_gradients(expert_parameters(model), topo.edp_group, grad_divisor=topo.dp_size)  # TP ranks' tokens
+    sum_partial_grads(model.parameters(), ctx)        # the router's and, under SP, the replicated parameters'
+    allreduce_gradients(expert_parameters(model), ctx.edp, grad_divisor=ctx.dp.size)  # TP ranks' tokens
     owners = model._parameter_owners()
     grads = {name: gather_full(*owners[name], p.grad) for name, p in model.named_parameters()}
     # Each TP rank holds 1/t of the balance loss: the total is the sum over TP ranks.
-    balance = out.balance_loss.detach().clone()
-    if topo.tp_size > 1:
-        dist.all_reduce(balance, group=topo.tp_group)
+    balance = ctx.tp.sum(out.balance_loss.detach())
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16_loss = model.compute_loss(ids[:, :-1], ids[:, 1:]).lm_loss
@@ -101,13 +99,13 @@ def gradients_and_losses(cfg, topo):
 
 def _sp_worker():
     cfg = make_config(tp=2, sp=True)
-    topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
-    assert topo.sequence_parallel and topo.tp_group is not None
-    return gradients_and_losses(cfg, topo)
+    ctx = parallel_context(cfg)
+    assert ctx.sequence_parallel and ctx.tp.size == 2
+    return gradients_and_losses(cfg, ctx)
 
 
 def test_model_without_q_lora_matches_single_process():
-    ref_grads, ref_losses, ref_logits = gradients_and_losses(make_config(), Topology())
+    ref_grads, ref_losses, ref_logits = gradients_and_losses(make_config(), ParallelContext.single())
     for grads, losses, logits in run_distributed(_sp_worker, 2):
         for name in ref_grads:
             assert rel_err(grads[name], ref_grads[name]) <= 1e-5, f"gradient of {name}"
@@ -116,14 +114,15 @@ def test_model_without_q_lora_matches_single_process():
         assert rel_err(logits, ref_logits) <= 1e-5
 
 
-def test_sequence_parallel_parameters_are_empty_without_sp():
+def test_no_partial_gradients_declared_in_one_process():
     model = build_model(make_config().model)
-    assert not model.sequence_parallel and model.sequence_parallel_parameters() == []
+    assert not model.ctx.sequence_parallel
+    assert [name for name, p in model.named_parameters() if partial_grad_group(p) is not None] == []
 
 
 # ============================================================================ `megads train`
 
-TINY = [
+TINY = tiny_overrides(
     "model.vocab_size=320", "model.hidden_size=32", "model.num_hidden_layers=2", "model.first_k_dense_replace=1",
     "model.intermediate_size=64", "model.num_attention_heads=2", "model.q_lora_rank=16", "model.kv_lora_rank=16",
     "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.n_routed_experts=4",
@@ -131,7 +130,7 @@ TINY = [
     "model.num_nextn_predict_layers=1", "data.max_bytes=60000", "data.tokenizer=bpe",
     "train.global_batch_size=4", "train.micro_batch_size=2", "train.seq_length=16", "train.max_steps=2",
     "train.warmup_steps=1", "train.lr=0.01", "train.log_every=1", "train.save_every=0", "train.keep_checkpoints=0",
-]
+)
 
 
 def _train_worker(overrides):

@@ -10,10 +10,11 @@ from megads.cli import main as cli_main
 from megads.config import ConfigError, load_config
 from megads.shards import CheckpointFormatError, ShardedReader
 from megads.train.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
-from megads.train.schedule import learning_rate
+from megads.train.lr_schedule import learning_rate
 from megads.train.trainer import train
+from tiny_model import tiny_overrides
 
-TINY = [
+TINY = tiny_overrides(
     "model.vocab_size=512", "model.hidden_size=32", "model.num_hidden_layers=2", "model.first_k_dense_replace=1",
     "model.intermediate_size=64", "model.num_attention_heads=2", "model.q_lora_rank=16", "model.kv_lora_rank=16",
     "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.n_routed_experts=4",
@@ -23,7 +24,7 @@ TINY = [
     "train.global_batch_size=4", "train.micro_batch_size=2", "train.seq_length=32", "train.warmup_steps=2",
     "train.decay_steps=6", "train.lr=0.01", "train.min_lr=0.001", "train.log_every=1", "train.save_every=3",
     "train.keep_checkpoints=0",
-]
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,7 @@ def test_fp8_training_records_fp8_metrics(tmp_path, cache_dir):
 ])
 def test_fp8_config_errors(override, field):
     with pytest.raises(ConfigError, match=field):
-        load_config(None, [override])
+        load_config(None, tiny_overrides(override))
 
 
 PIPELINE = ["model.num_hidden_layers=4", "train.max_steps=4", "train.eval_every=2", "train.save_every=2"]
@@ -164,7 +165,7 @@ def _pipelined_train_worker(overrides: list, resume_overrides: list):
 def test_pipelined_training_matches_single_process_and_resumes(tmp_path, cache_dir):
     """`megads train` with pipeline_parallel 2 (DualPipeV: the embedding and the head with MTP share a
     rank) logs the single-process run's losses, writes a checkpoint any layout loads, and resumes."""
-    from parallel.distributed_testing import run_distributed
+    from tools.harness.distributed import run_distributed
 
     single, piped, resumed = tmp_path / "single", tmp_path / "piped", tmp_path / "resumed"
     train(tiny_config(single, cache_dir, *PIPELINE), log=lambda *_: None)

@@ -11,7 +11,9 @@ with and without FP8 activation caching.
 Every run builds the model from the same seed (train.seed), reads the same windows of the same
 cached corpus in the same order (megads.data), and steps with megads.train.trainer.train_step
 (AdamW over FP32 masters, warm-up + cosine schedule over --steps, gradient clipping, router-bias
-updates), so the runs differ only in the GEMMs of the converted layers (megads.fp8.convert).
+updates) on megads.train.model_stages.ModelStages in one process (ParallelContext.single(): the
+whole model as one stage), so the runs differ only in the GEMMs of the converted layers
+(megads.fp8.convert).
 
 Printed: a table of the loss averaged over each --every steps (per-step losses are noisy), the
 mean loss over the last min(50, steps/4) steps of each run with its relative gap to the baseline,
@@ -34,16 +36,19 @@ from pathlib import Path
 
 import torch
 
-from megads.config import load_config
-from megads.data import GlobalBatchSampler, PackedWindows, build_or_load_corpus, micro_batches
-from megads.fp8 import Fp8Config, convert_to_fp8, fp8_stats
-from megads.fp8.convert import fp8_modules
-from megads.fp8.quantize import BLOCK, ceil_div
-from megads.model.model import build_model
-from megads.train.optimizer import build_optimizer
-from megads.train.trainer import train_step
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+
+from megads.config import Fp8Config, load_config  # noqa: E402
+from megads.data import GlobalBatchSampler, PackedWindows, build_or_load_corpus, micro_batches  # noqa: E402
+from megads.fp8 import convert_to_fp8, fp8_stats  # noqa: E402
+from megads.fp8.convert import fp8_modules  # noqa: E402
+from megads.fp8.quantize import BLOCK, ceil_div  # noqa: E402
+from megads.train.model_stages import ModelStages  # noqa: E402
+from megads.train.optimizer import build_optimizer  # noqa: E402
+from megads.train.trainer import train_step  # noqa: E402
+from parallel.context import ParallelContext  # noqa: E402
+
 MODES = {
     "baseline": None,
     "fp8": Fp8Config(backend="emulated", accumulation="fp32"),
@@ -66,18 +71,23 @@ def load(args):
     return load_config(args.config, overrides)
 
 
-def build(cfg, mode: str):
+def build(cfg, mode: str, fp8_config: Fp8Config | None = None) -> ModelStages:
+    """The model as the trainer holds it in one process (one stage: ``.models[0]`` is the whole
+    model), converted to FP8 with `fp8_config` (default: the mode's)."""
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, seed=cfg.train.seed)
+    model = ModelStages(cfg, ParallelContext.single())
     model.train()
-    if MODES[mode] is not None:
-        convert_to_fp8(model, MODES[mode])
+    if fp8_config is None:
+        fp8_config = MODES[mode]
+    if fp8_config is not None:
+        for stage_model in model.models.values():
+            convert_to_fp8(stage_model, fp8_config)
     return model
 
 
 def run(cfg, mode: str, windows, sampler) -> dict:
     model = build(cfg, mode)
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, model.ctx)
     t = cfg.train
     losses, times, skipped = [], [], 0
     totals = {"nonfinite": 0, "clamped_tiles": 0, "tiles": 0, "gemms": 0}
@@ -137,9 +147,7 @@ def memory_table(cfg, batch) -> list[str]:
     for label, fp8_cfg in (("baseline", None),
                            ("fp8, inputs saved fp32", Fp8Config(cache_activations=False)),
                            ("fp8, inputs cached e4m3", Fp8Config(cache_activations=True))):
-        model = build(cfg, "baseline")
-        if fp8_cfg is not None:
-            convert_to_fp8(model, fp8_cfg)
+        model = build(cfg, "baseline", fp8_cfg).models[0]     # the whole model (one stage)
         rows.append((label, saved_for_backward(model, batch)))
     base = rows[0][1]["total"]
     mb = 2.0 ** 20

@@ -5,8 +5,9 @@
                                   [--config examples/configs/tiny.yaml]
 
 Each layout runs `warmup + steps` full optimizer steps (megads.train.trainer.train_step: forward,
-backward, ZeRO-1 AdamW, router-bias update) of the config's model on fresh gloo ranks
-(parallel.distributed_testing.run_distributed), all layouts on the same random token batches.
+backward, ZeRO-1 AdamW, router-bias update) of the config's model (megads.train.model_stages.ModelStages
+under the layout's ParallelContext) on fresh gloo ranks
+(tools.harness.distributed.run_distributed), all layouts on the same random token batches.
 A layout is written as tp<N>dp<N>ep<N> in any order, missing parts 1 ("1" alone: one process,
 no torch.distributed groups); world size = tp x dp (pipeline parallelism is not benchmarked).
 
@@ -14,9 +15,10 @@ Per layout it prints: ranks, global tokens/s (global batch tokens / step time), 
 step the slowest rank, averaged over the measured steps), the ratio of tokens/s to the 1-rank row
 of the same run, peak resident memory per rank (VmHWM after resetting it at process start, minus
 the RSS then: what the layout itself allocated; the largest rank), and per collective kind the
-bytes per step one rank moves (mean over ranks), counted by parallel.comm_stats.count_collectives
-(bytes = the collective's payload as defined there: all-reduce the tensor, all-gather the output,
-reduce-scatter the input, all-to-all the input), then the same per process group.
+bytes per step one rank moves (mean over ranks), counted by tools.harness.comm_stats.count_collectives
+through the context's groups (bytes = the collective's payload as defined there: all-reduce the
+tensor, all-gather the output, reduce-scatter the input, all-to-all the input), then the same per
+group (tp, dp, ep, edp, stage, ...).
 
 Each rank runs torch.set_num_threads(max(1, cores // ranks)) (--threads N overrides). On a machine
 with fewer cores than threads x ranks (or shared with other work) multi-rank layouts are
@@ -24,7 +26,7 @@ oversubscribed: their tokens/s measure the overhead of the layout (communication
 Python per rank), not scaling. On a loaded machine a multi-threaded rank can be several times
 slower than a single-threaded one (OpenMP threads waiting for each other's time slices), which
 makes the 1-rank baseline look bad: compare with --threads 1 before reading anything into "vs 1".
-Counting collectives costs ~25 ms per step outside the timed region and a few microseconds per call inside it.
+Counting collectives (an observer on each group) costs a few microseconds per call inside the timed region.
 """
 
 from __future__ import annotations
@@ -38,18 +40,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from megads.config import config_from_dict  # noqa: E402
-from megads.model.model import build_model  # noqa: E402
+from megads.config import config_from_dict, validate  # noqa: E402
+from megads.train.model_stages import ModelStages  # noqa: E402
 from megads.train.optimizer import build_optimizer  # noqa: E402
-from megads.train.trainer import train_step  # noqa: E402
-from parallel.comm_stats import CollectiveStats, count_collectives, topology_group_labels  # noqa: E402
-from parallel.distributed_testing import run_distributed  # noqa: E402
-from parallel.topology import Topology, init_distributed, validate_layout  # noqa: E402
+from megads.train.trainer import parallel_context, train_step  # noqa: E402
+from tools.harness.comm_stats import CollectiveStats, count_collectives  # noqa: E402
+from tools.harness.distributed import run_distributed  # noqa: E402
 
 DEFAULT_LAYOUTS = "1,tp2,dp2,dp2ep2,tp2ep2,tp2dp2ep4"
 KINDS = {"all_reduce": "AR MB", "all_gather": "AG MB", "reduce_scatter": "RS MB", "all_to_all": "A2A MB"}
@@ -106,31 +106,28 @@ def bench_worker(raw_cfg: dict, tp: int, ep: int, steps: int, warmup: int, threa
     rss_start_kb = _status_kb("VmRSS")
     raw = {**raw_cfg, "parallel": {"tensor_parallel": tp, "expert_parallel": ep}}
     cfg = config_from_dict(raw)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    topo = init_distributed(cfg.parallel, cfg.model, cfg.train) if world > 1 else Topology()
-    model = build_model(cfg.model, seed=cfg.train.seed, tp_group=topo.tp_group, ep_group=topo.ep_group).train()
-    optimizer = build_optimizer(model, cfg.train, topo)
+    ctx = parallel_context(cfg)
+    model = ModelStages(cfg, ctx).train()
+    optimizer = build_optimizer(model, cfg.train, ctx)
     t = cfg.train
-    per_rank = t.global_batch_size // topo.dp_size
-    labels = topology_group_labels(topo)
+    per_rank = t.global_batch_size // ctx.dp.size
     times, stats = [], CollectiveStats()
     for step, batch in enumerate(make_batches(cfg.model.vocab_size, t.global_batch_size, t.seq_length,
                                               warmup + steps)):
-        mine = batch[topo.dp_rank * per_rank:(topo.dp_rank + 1) * per_rank]
+        mine = batch[ctx.dp.rank * per_rank:(ctx.dp.rank + 1) * per_rank]
         micro = [(mine[i:i + t.micro_batch_size, :-1], mine[i:i + t.micro_batch_size, 1:])
                  for i in range(0, per_rank, t.micro_batch_size)]
-        if topo.is_distributed:
-            dist.barrier()  # every rank starts the step together (not counted, not timed)
-        with count_collectives(labels) as step_stats:
+        ctx.barrier()  # every rank starts the step together (not counted, not timed)
+        with count_collectives(ctx) as step_stats:
             started = time.perf_counter()
-            record = train_step(model, optimizer, cfg, step, micro, topo)
+            record = train_step(model, optimizer, cfg, step, micro)
             elapsed = time.perf_counter() - started
         if step >= warmup:
             times.append(elapsed)
             stats.merge(step_stats)
         if record["skipped"]:
             raise RuntimeError(f"step {step} was skipped (non-finite loss or gradient)")
-    return {"rank": topo.rank, "times": times, "stats": stats, "loss": record["loss"],
+    return {"rank": ctx.rank, "times": times, "stats": stats, "loss": record["loss"],
             "peak_kb": _status_kb("VmHWM"), "rss_start_kb": rss_start_kb, "peak_reset": peak_reset,
             "params": model.num_parameters(), "threads": torch.get_num_threads()}
 
@@ -155,7 +152,7 @@ def run_layout(raw_cfg: dict, tp: int, dp: int, ep: int, steps: int, warmup: int
             kinds[kind] = kinds.get(kind, 0.0) + v.bytes / steps / world
         for key, v in s.by_group().items():
             groups[key] = groups.get(key, 0.0) + v.bytes / steps / world
-        comm_s += sum(v.seconds for v in s.records.values()) / steps / world
+        comm_s += s.seconds() / steps / world
     return {
         "name": layout_name(tp, dp, ep), "ranks": world, "threads": threads,
         "tokens_per_s": t["global_batch_size"] * t["seq_length"] / step_time, "step_time": step_time,
@@ -196,7 +193,7 @@ def main(argv=None) -> None:
         layouts.insert(0, (1, 1, 1))  # the baseline the ratios refer to
     for tp, dp, ep in layouts:  # fail before running anything
         cfg = config_from_dict({**raw, "parallel": {"tensor_parallel": tp, "expert_parallel": ep}})
-        validate_layout(cfg.parallel, cfg.model, cfg.train, tp * dp)
+        validate(cfg, world_size=tp * dp)
 
     m = raw["model"]
     print(f"model: {Path(args.config).name} (hidden {m.get('hidden_size')}, {m.get('num_hidden_layers')} layers, "

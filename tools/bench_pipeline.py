@@ -7,7 +7,7 @@
                                    [--config examples/configs/tiny.yaml]
 
 Each schedule runs `warmup + steps` full optimizer steps (megads.train.trainer.train_step on
-megads.train.pipeline.PipelineStages: forward, backward, gradient sums over copies, ZeRO-1 AdamW,
+megads.train.model_stages.ModelStages: forward, backward, gradient sums over copies, ZeRO-1 AdamW,
 router-bias update) of the config's model cut into pipeline stages, on PP x DP fresh gloo ranks
 (one process each, 1 thread each), all schedules on the same random token batches. Per schedule
 it prints:
@@ -54,20 +54,17 @@ from pathlib import Path
 from typing import Dict
 
 import torch
-import torch.distributed as dist
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from megads.config import config_from_dict  # noqa: E402
+from megads.train.model_stages import ModelStages  # noqa: E402
 from megads.train.optimizer import build_optimizer  # noqa: E402
-from megads.train.pipeline import PipelineStages  # noqa: E402
-from megads.train.trainer import train_step  # noqa: E402
-from parallel.distributed_testing import run_distributed  # noqa: E402
+from megads.train.trainer import parallel_context, train_step  # noqa: E402
 from parallel.pipeline import Costs, build_schedule, live_activations, simulate  # noqa: E402
-from parallel.topology import init_distributed  # noqa: E402
-
-SCHEDULES = "1f1b,interleaved-1f1b,zbh1,dualpipe,dualpipev"
+from parallel.pipeline.schedules import SCHEDULES  # noqa: E402
+from tools.harness.distributed import run_distributed  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -142,25 +139,25 @@ def make_config(raw: dict, args, schedule: str, overlap: bool):
 def bench_worker(raw: dict, args, schedule: str, overlap: bool):
     torch.manual_seed(0)
     cfg = make_config(raw, args, schedule, overlap)
-    topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
-    model = PipelineStages(cfg, topo).train()
+    ctx = parallel_context(cfg)                   # validates the layout against the world size
+    model = ModelStages(cfg, ctx).train()
     model.executor.sync_start = True              # the ranks' clocks start the pipeline run together
-    optimizer = build_optimizer(model, cfg.train, topo, duplicated_elsewhere=model.duplicated_elsewhere)
-    gen = torch.Generator().manual_seed(1 + topo.dp_rank)
+    optimizer = build_optimizer(model, cfg.train, ctx)
+    gen = torch.Generator().manual_seed(1 + ctx.dp.rank)
     meter = SavedActivationMeter()
     steps, pipes, bubbles, durations, both = [], [], [], [], []
     for step in range(args.warmup + args.steps):
-        tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch_size // topo.dp_size,
+        tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch_size // ctx.dp.size,
                                                          cfg.train.seq_length + 1), generator=gen)
         mbs = cfg.train.micro_batch_size
         batches = [(tokens[i:i + mbs, :-1], tokens[i:i + mbs, 1:]) for i in range(0, tokens.shape[0], mbs)]
         runner = model.executor.fb_runner
         if runner is not None:
             runner.clear()
-        dist.barrier()
+        ctx.barrier()
         start = time.perf_counter()
         with meter.hooks():
-            train_step(model, optimizer, cfg, step, batches, topo)
+            train_step(model, optimizer, cfg, step, batches)
         elapsed = time.perf_counter() - start
         if step >= args.warmup:
             ex = model.executor
@@ -170,7 +167,7 @@ def bench_worker(raw: dict, args, schedule: str, overlap: bool):
             durations.append({str(t.op): t.duration for t in ex.timeline})
             both.append(sum(t.overlap for t in runner.timings) if runner is not None else 0.0)
     return {"steps": steps, "pipes": pipes, "bubbles": bubbles, "durations": durations, "both": both,
-            "peak_bytes": meter.peak, "pp_rank": topo.pp_rank, "dp_rank": topo.dp_rank}
+            "peak_bytes": meter.peak, "pp_rank": ctx.pp.rank, "dp_rank": ctx.dp.rank}
 
 
 def summarize(results, args, schedule: str) -> dict:
@@ -205,7 +202,7 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=4)
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
-    parser.add_argument("--schedules", default=SCHEDULES)
+    parser.add_argument("--schedules", default=",".join(SCHEDULES))
     parser.add_argument("--micro-batches", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=64)

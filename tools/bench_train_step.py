@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
-from megads.config import ModelConfig
-from megads.model.model import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+from megads.config import ModelConfig  # noqa: E402
+from megads.model.model import build_model  # noqa: E402
 
 BENCH_MODEL = dict(
     vocab_size=8192, hidden_size=256, num_hidden_layers=4, first_k_dense_replace=1, intermediate_size=704,
     num_attention_heads=8, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
     v_head_dim=32, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, moe_intermediate_size=128,
     n_group=1, topk_group=1, routed_scaling_factor=1.0, max_position_embeddings=1024,
-    num_nextn_predict_layers=0, aux_loss_alpha=0.0001,
+    num_nextn_predict_layers=0, aux_loss_alpha=0.0001, initializer_range=0.006,
 )
 BATCH, SEQ = 8, 256
 

@@ -8,14 +8,17 @@ What one GPU allows. NCCL refuses two ranks on the same device ("Duplicate GPU d
 and rank 0 both on CUDA device ...", ncclInvalidUsage since NCCL 2.5; NVIDIA: it would not work
 even without the check, NVIDIA/nccl#418). So this script runs:
 
-A. NCCL, world size 1 (one process): every collective helper of parallel/tensor.py and
-   parallel/expert.py on CUDA tensors over a real size-1 NCCL group (the public wrappers skip
-   communication at size 1, so the autograd Functions are called directly, forward and backward:
-   their collectives then run through NCCL, backward ones on autograd's device thread), the
+A. NCCL, world size 1 (one process): every collective helper of parallel/tensor/mappings.py and
+   parallel/expert.py on CUDA tensors over a real size-1 NCCL group wrapped in a parallel.group.Group
+   (the public wrappers skip communication at size 1, so the autograd Functions are called
+   directly, forward and backward: their gathers, reduce-scatters and all-to-alls then run through
+   NCCL, backward ones on autograd's device thread; a Group issues no all-reduce at size 1, so
+   all-reduce is also called on the NCCL group itself), the
    vocab-parallel cross-entropy against F.cross_entropy on CPU, the all-to-all token dispatcher
-   against the local one, parallel.comm_stats counting under NCCL, the model's forward/backward
-   on CUDA against the same model on CPU, and 3 train_steps (ZeRO-1 AdamW, router-bias update)
-   on CUDA with init_distributed's NCCL topology against CPU.
+   against the local one, tools.harness.comm_stats counting under NCCL, the model's forward/backward
+   on CUDA against the same model on CPU, and 3 train_steps (megads.train.model_stages.ModelStages,
+   ZeRO-1 AdamW, router-bias update) on CUDA under megads.train.trainer.parallel_context's NCCL
+   ParallelContext against CPU.
 B. Two ranks sharing the GPU over gloo (which, unlike NCCL, accepts that; gloo handles CUDA
    tensors by staging them through host memory): first a probe of each collective the layers use
    on CUDA tensors; if all work, the layouts TP2, DP2, DP2+EP2 and TP2+EP2 train 3 steps on CUDA
@@ -48,15 +51,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from parallel.distributed_testing import DistributedTestError, run_distributed  # noqa: E402
-from parallel.topology import Topology  # noqa: E402
+from parallel.context import ParallelContext  # noqa: E402
+from tools.harness.distributed import DistributedTestError, run_distributed  # noqa: E402
 
 # The model of tests/test_layouts.py (every feature: MLA, dense + MoE layers, MTP, balance loss).
 SMALL_MODEL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=64,
                    num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
                    v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
                    moe_intermediate_size=16, n_group=2, topk_group=1, routed_scaling_factor=2.0,
-                   num_nextn_predict_layers=1, aux_loss_alpha=0.01, bias_update_speed=0.01)
+                   num_nextn_predict_layers=1, aux_loss_alpha=0.01, bias_update_speed=0.01, initializer_range=0.006)
 SMALL_TRAIN = dict(global_batch_size=4, micro_batch_size=2, seq_length=16, lr=0.01, warmup_steps=1, max_steps=3,
                    grad_clip=0.05, seed=7)
 STEPS = 3
@@ -97,21 +100,21 @@ def global_batches(cfg, steps: int = STEPS) -> list[torch.Tensor]:
             for _ in range(steps)]
 
 
-def run_steps(cfg, topo, device: torch.device) -> tuple[list[dict], dict]:
-    """STEPS train_steps of this rank's share of the global batches; records and full parameters (CPU)."""
-    from megads.model.model import build_model
+def run_steps(cfg, ctx: ParallelContext) -> tuple[list[dict], dict]:
+    """STEPS train_steps of this rank's share of the global batches on ``ctx.device`` (the trainer's
+    path: ModelStages under ctx); records and full parameters (CPU)."""
+    from megads.train.model_stages import ModelStages
     from megads.train.optimizer import build_optimizer
     from megads.train.trainer import train_step
-    model = build_model(cfg.model, seed=cfg.train.seed, device=device, tp_group=topo.tp_group,
-                        ep_group=topo.ep_group).train()
-    optimizer = build_optimizer(model, cfg.train, topo)
-    per_rank = cfg.train.global_batch_size // topo.dp_size
+    model = ModelStages(cfg, ctx).train()
+    optimizer = build_optimizer(model, cfg.train, ctx)
+    per_rank = cfg.train.global_batch_size // ctx.dp.size
     mbs = cfg.train.micro_batch_size
     records = []
     for step, batch in enumerate(global_batches(cfg)):
-        mine = batch[topo.dp_rank * per_rank:(topo.dp_rank + 1) * per_rank].to(device)
+        mine = batch[ctx.dp.rank * per_rank:(ctx.dp.rank + 1) * per_rank].to(ctx.device)
         micro = [(mine[i:i + mbs, :-1], mine[i:i + mbs, 1:]) for i in range(0, per_rank, mbs)]
-        record = train_step(model, optimizer, cfg, step, micro, topo)
+        record = train_step(model, optimizer, cfg, step, micro)
         records.append({k: record[k] for k in ("loss", "mtp_loss", "balance_loss", "grad_norm", "skipped")})
     state = {name: tensor.detach().cpu().clone() for name, tensor in model.full_state()}
     return records, state
@@ -148,16 +151,20 @@ def compare_runs(results: list, prefix: str, got: tuple, want: tuple) -> None:
 def _collective_checks(results: list, device: torch.device) -> None:
     """Each helper on CUDA tensors over the size-1 group: at size 1 every collective is the identity."""
     import parallel.expert as pexpert
-    import parallel.tensor as ptensor
-    from parallel.comm_stats import count_collectives
+    import parallel.tensor.mappings as ptensor
+    from parallel.group import Group
+    from tools.harness.comm_stats import count_collectives
 
-    group = dist.group.WORLD
+    group = Group(dist.group.WORLD, "world")  # counted through its observer
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(4, 6, 8, generator=gen).to(device=device, dtype=dtype)
         tag = str(dtype).replace("torch.", "")
-        with count_collectives() as stats:
-            check(results, f"A all_reduce {tag}", rel_err(ptensor._all_reduce(x, group), x), 0.0)
+        with count_collectives(group) as stats:
+            summed = x.clone()
+            dist.all_reduce(summed, group=group.pg)  # NCCL itself (a Group skips size 1)
+            check(results, f"A all_reduce {tag}", rel_err(summed, x), 0.0)
+            check(results, f"A Group.sum {tag}", rel_err(group.sum(x), x), 0.0)
             check(results, f"A all_gather dim 1 {tag}", rel_err(ptensor._all_gather_along_dim(x, 1, group), x), 0.0)
             check(results, f"A reduce_scatter dim 1 {tag}",
                   rel_err(ptensor._reduce_scatter_along_dim(x, 1, group), x), 0.0)
@@ -166,23 +173,25 @@ def _collective_checks(results: list, device: torch.device) -> None:
                                                                               [flat.shape[0]], group), flat), 0.0)
             m = x.float().amax(dim=-1)
             got = m.clone()
-            dist.all_reduce(got, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(got, op=dist.ReduceOp.MAX, group=group.pg)  # NCCL itself (a Group skips size 1)
             check(results, f"A all_reduce MAX {tag}", rel_err(got, m), 0.0)
-        expected = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1, "all_to_all": 1}
+        # counted: the collectives issued through the Group (it issues no all-reduce at size 1)
+        expected = {"all_gather": 1, "reduce_scatter": 1, "all_to_all": 1}
         counted = {k: v.calls for k, v in stats.by_kind().items()}
         check(results, f"A comm_stats counts under NCCL {tag} ({counted})", 0.0 if counted == expected else 1.0, 0.0)
     counts = torch.tensor([3, 0, 5], device=device)
     out = torch.empty_like(counts)
-    dist.all_to_all_single(out, counts, group=group)  # what the dispatcher does with int64 counts
+    dist.all_to_all_single(out, counts, group=group.pg)  # what the dispatcher does with int64 counts
     check(results, "A all_to_all_single int64", rel_err(out, counts), 0.0)
 
 
 def _mapping_checks(results: list, device: torch.device) -> None:
-    """The autograd Functions of parallel/tensor.py over the NCCL group, forward and backward."""
-    import parallel.tensor as ptensor
-    from parallel.comm_stats import count_collectives
+    """The autograd Functions of parallel/tensor/mappings.py over the NCCL group, forward and backward."""
+    import parallel.tensor.mappings as ptensor
+    from parallel.group import Group
+    from tools.harness.comm_stats import count_collectives
 
-    group = dist.group.WORLD
+    group = Group(dist.group.WORLD, "world")  # counted through its observer
     gen = torch.Generator().manual_seed(1)
     x_cpu = torch.randn(2, 6, 8, generator=gen)
     w_cpu = torch.randn(2, 6, 8, generator=gen)
@@ -193,22 +202,25 @@ def _mapping_checks(results: list, device: torch.device) -> None:
     for name, extra in mappings:
         fn = getattr(ptensor, name, None)
         if fn is None:
-            continue  # not in this version of parallel/tensor.py
+            continue  # not in this version of parallel/tensor/mappings.py
         x = x_cpu.to(device, copy=True).requires_grad_(True)
-        with count_collectives() as stats:
+        with count_collectives(group) as stats:
             y = fn.apply(x, group, *extra)
             (y * w_cpu.to(device)).sum().backward()
         check(results, f"A {name} forward", rel_err(y, x_cpu), 0.0)
         check(results, f"A {name} backward", rel_err(x.grad, w_cpu), 0.0)
-    # the backward all-reduce of _CopyToTPRegion runs on autograd's CUDA thread: still counted
+    # the backward reduce-scatter of _GatherFromSequenceParallelRegion runs on autograd's CUDA thread:
+    # still counted (a Group issues it at size 1, unlike an all-reduce)
     x = x_cpu.to(device, copy=True).requires_grad_(True)
-    with count_collectives() as stats:
-        (ptensor._CopyToTPRegion.apply(x, group) * 2).sum().backward()
-    check(results, "A comm_stats counts a backward collective", 0.0 if stats.calls("all_reduce") == 1 else 1.0, 0.0)
+    with count_collectives(group) as stats:
+        (ptensor._GatherFromSequenceParallelRegion.apply(x, group, True) * 2).sum().backward()
+    check(results, "A comm_stats counts a backward collective",
+          0.0 if stats.calls("reduce_scatter") == 1 else 1.0, 0.0)
 
 
 def _cross_entropy_checks(results: list, device: torch.device) -> None:
-    import parallel.tensor as ptensor
+    from parallel.group import Group
+    from parallel.tensor.cross_entropy import _VocabParallelCrossEntropy
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn(37, 50, generator=gen) * 3
     labels = torch.randint(0, 50, (37,), generator=gen)
@@ -217,7 +229,7 @@ def _cross_entropy_checks(results: list, device: torch.device) -> None:
     ref = F.cross_entropy(ref_in, labels, ignore_index=-100, reduction="none")
     ref.sum().backward()
     got_in = logits.to(device, copy=True).requires_grad_(True)
-    got = ptensor._VocabParallelCrossEntropy.apply(got_in, labels.to(device), -100, dist.group.WORLD)
+    got = _VocabParallelCrossEntropy.apply(got_in, labels.to(device), -100, Group(dist.group.WORLD, "tp"))
     got.sum().backward()
     check(results, "A vocab_parallel_cross_entropy loss vs CPU F.cross_entropy", rel_err(got, ref), TOL_EXACT * 10)
     check(results, "A vocab_parallel_cross_entropy grad vs CPU", rel_err(got_in.grad, ref_in.grad), TOL_EXACT * 10)
@@ -225,13 +237,14 @@ def _cross_entropy_checks(results: list, device: torch.device) -> None:
 
 def _dispatcher_checks(results: list, device: torch.device) -> None:
     from parallel.expert import AllToAllTokenDispatcher, LocalTokenDispatcher
+    from parallel.group import Group
     gen = torch.Generator().manual_seed(3)
     experts, tokens, top_k, hidden = 8, 20, 2, 6
     hidden_cpu = torch.randn(tokens, hidden, generator=gen)
     topk = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
     gates_cpu = torch.rand(tokens, top_k, generator=gen)
     outs = []
-    for dispatcher in (LocalTokenDispatcher(experts), AllToAllTokenDispatcher(experts, dist.group.WORLD)):
+    for dispatcher in (LocalTokenDispatcher(experts), AllToAllTokenDispatcher(experts, Group(dist.group.WORLD, "ep"))):
         h = hidden_cpu.to(device, copy=True).requires_grad_(True)
         g = gates_cpu.to(device, copy=True).requires_grad_(True)
         sorted_tokens, sorted_gates, per_expert, state = dispatcher.dispatch(h, topk.to(device), g)
@@ -261,7 +274,7 @@ def _model_checks(results: list, device: torch.device) -> None:
         outs = {}
         for where in ("cpu", "cuda"):
             dev = torch.device("cpu") if where == "cpu" else device
-            model = build_model(cfg.model, seed=seed, device=dev).train()
+            model = build_model(cfg.model, seed=seed, device=dev, ctx=ParallelContext.single(dev)).train()
             ids = batch.to(dev)
             out = model.compute_loss(ids[:, :-1], ids[:, 1:])
             out.loss.backward()
@@ -292,22 +305,48 @@ def _probe_known_issues(device: torch.device) -> list[str]:
     try:
         from megads.train import trainer
         cfg = make_config(train={**SMALL_TRAIN, "precision": "bf16"})
-        with trainer._autocast(cfg):
+        with trainer._autocast(cfg, device):
             y = F.linear(torch.randn(2, 4, device=device), torch.randn(3, 4, device=device))
         if y.dtype != torch.bfloat16:
-            warnings_.append("megads/train/trainer.py _autocast uses torch.autocast('cpu'): with precision bf16 the "
+            warnings_.append(f"megads/train/trainer.py _autocast(cfg, {device}): with precision bf16 the "
                              f"CUDA matmuls run in {y.dtype} (no bf16 autocast on GPU).")
     except Exception as err:  # noqa: BLE001
         warnings_.append(f"autocast probe failed: {err!r}")
     if dist.get_backend() == "nccl":
         try:
-            probe = torch.zeros(1, dtype=torch.float64)
-            dist.all_reduce(probe)
+            # NCCL refuses CPU tensors: _average_metrics (multi-rank only) must all-reduce on ctx.device.
+            # World size 1 skips it, so it runs here under a context that claims several ranks, with
+            # size-1 groups that record the device of what they are asked to sum.
+            devices = _average_metrics_devices(device)
+            if any(d.type != device.type for d in devices):
+                warnings_.append("megads/train/trainer.py _average_metrics all-reduces a tensor on "
+                                 f"{sorted({str(d) for d in devices})}, not {device}: under NCCL with more than "
+                                 "one rank that raises (NCCL takes CUDA tensors only).")
         except Exception as err:  # noqa: BLE001
-            warnings_.append("megads/train/trainer.py _average_metrics all-reduces a CPU float64 tensor: under "
-                             f"NCCL with more than one rank that raises ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0][:120]}).")
+            warnings_.append(f"_average_metrics probe failed: {err!r}")
     return warnings_
+
+
+def _average_metrics_devices(device: torch.device) -> list[torch.device]:
+    """Devices of the tensors megads.train.trainer._average_metrics sums over its groups, on a
+    context (of size-1 groups) that says it is distributed."""
+    from megads.train import trainer
+    from parallel.context import GROUP_NAMES
+    from parallel.group import Group
+
+    seen: list[torch.device] = []
+
+    class Recording(Group):
+        def sum(self, tensor):
+            seen.append(tensor.device)
+            return tensor
+
+    class Distributed(ParallelContext):
+        is_distributed = True                      # (a property in ParallelContext)
+
+    ctx = Distributed(**{name: Recording(None, name) for name in GROUP_NAMES}, device=device)
+    trainer._average_metrics({"loss": 1.0, "balance_loss": 0.5}, ctx)
+    return seen
 
 
 def nccl_world1_worker(simulate: bool) -> dict:
@@ -324,14 +363,14 @@ def nccl_world1_worker(simulate: bool) -> dict:
             part(results, device)
         except Exception:  # noqa: BLE001 - report and go on with the other parts
             failures.append(f"{part.__name__}:\n{traceback.format_exc()}")
-    try:  # train_step under init_distributed's topology (NCCL groups of size 1, device cuda)
-        from parallel.topology import init_distributed
+    try:  # train_step under the trainer's ParallelContext (NCCL groups of size 1, device cuda)
+        from megads.train.trainer import parallel_context
         cfg = make_config()
-        topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
-        if not simulate and topo.device.type != "cuda":
-            failures.append(f"init_distributed chose device {topo.device} with CUDA available")
-        got = run_steps(cfg, topo, device)
-        want = run_steps(cfg, Topology(), torch.device("cpu"))
+        ctx = parallel_context(cfg)
+        if not simulate and ctx.device.type != "cuda":
+            failures.append(f"ParallelContext.create chose device {ctx.device} with CUDA available")
+        got = run_steps(cfg, ctx)
+        want = run_steps(cfg, ParallelContext.single())
         compare_runs(results, "A train_step CUDA (NCCL world 1) vs CPU,", got, want)
     except Exception:  # noqa: BLE001
         failures.append(f"train_step:\n{traceback.format_exc()}")
@@ -399,14 +438,14 @@ def gloo_probe_worker(simulate: bool) -> dict:
 def gloo_layout_worker(tp: int, ep: int, simulate: bool):
     _strict_fp32()
     os.environ["LOCAL_RANK"] = "0"  # both ranks on the one GPU
-    from parallel.topology import init_distributed
+    from megads.train.trainer import parallel_context
     cfg = make_config(tp, ep)
-    topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
+    ctx = parallel_context(cfg)  # the default group is gloo already: the context keeps it
     device = torch.device("cpu") if simulate else torch.device("cuda", 0)
-    if not simulate and topo.device != device:
-        raise AssertionError(f"init_distributed chose {topo.device}, expected {device}")
-    records, state = run_steps(cfg, topo, device)
-    return records, state if topo.rank == 0 else None
+    if not simulate and ctx.device != device:
+        raise AssertionError(f"ParallelContext.create chose {ctx.device}, expected {device}")
+    records, state = run_steps(cfg, ctx)
+    return records, state if ctx.rank == 0 else None
 
 
 # ============================================================================ driver
@@ -468,7 +507,7 @@ def main(argv=None) -> int:
                 print("  gloo runs all_reduce, all_gather_single, reduce_scatter_single, all_to_all_single on "
                       "CUDA tensors")
                 results: list = []
-                ref = run_steps(make_config(), Topology(), torch.device("cpu"))
+                ref = run_steps(make_config(), ParallelContext.single())
                 for tp, ep in LAYOUTS:
                     name = "+".join(s for s in (f"TP{tp}" if tp > 1 else "", f"DP{2 // tp}" if tp == 1 else "",
                                                 f"EP{ep}" if ep > 1 else "") if s)

@@ -1,8 +1,11 @@
 """GPU backends of the FP8 GEMM interface: Transformer Engine (``te``) and PyTorch (``torch``).
 
 Neither library is imported before a backend is requested, so a CPU install never needs them.
-Each backend probes its requirements once (``probe()``) and explains what is missing; on this
-project's CPU machines both report themselves unavailable.
+Each backend probes its requirements once per process (``probe()``, a cached function) and explains
+what is missing; on this project's CPU machines both report themselves unavailable. What a probe
+learns and a GEMM needs (the output dtype cuBLASLt accepted) and what a GEMM allocates (TE's
+workspace) are held by the backend instance (one per configuration, megads.fp8.gemm.get_backend):
+this module keeps no mutable state of its own.
 
 NOT RUN HERE: the GEMM calls below follow the documented APIs and the argument checks of
 Transformer Engine 2.3+ and of torch 2.13's ``ScaledBlas.cpp``, but no Hopper GPU was available
@@ -79,9 +82,14 @@ class TorchScaledMMBackend(Fp8Backend):
 
     name = "torch"
 
+    def __init__(self, out_dtype: torch.dtype | None = None):
+        # The output type of the library call: the one the probe found cuBLASLt to accept (FP32, or
+        # BF16 where a build refuses FP32 output), unless given (the probe gives each in turn).
+        self.out_dtype = out_dtype if out_dtype is not None else _probe_torch()[1]
+
     @classmethod
     def probe(cls) -> str | None:
-        return _probe_torch()
+        return _probe_torch()[0]
 
     def gemm(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         check_operands(a, b)
@@ -99,11 +107,8 @@ class TorchScaledMMBackend(Fp8Backend):
         else:
             scale_b = _padded_tile_scales(b, Np).t().contiguous().t()    # [Np, kb], strides (1, Np)
             recipe_b = "BlockWise1x128"
-        y = _torch_blockwise_mm(mat_a, mat_b, scale_a, scale_b, recipe_b, _TORCH_OUT_DTYPE[0])
+        y = _torch_blockwise_mm(mat_a, mat_b, scale_a, scale_b, recipe_b, self.out_dtype)
         return y[:M, :N].to(out_dtype)
-
-
-_TORCH_OUT_DTYPE = [torch.float32]       # set by the probe: the output type cuBLASLt accepted
 
 
 def _torch_blockwise_mm(mat_a, mat_b, scale_a, scale_b, recipe_b: str, out_dtype):
@@ -116,27 +121,28 @@ def _torch_blockwise_mm(mat_a, mat_b, scale_a, scale_b, recipe_b: str, out_dtype
 
 
 @functools.lru_cache(maxsize=None)
-def _probe_torch() -> str | None:
+def _probe_torch() -> tuple[str | None, torch.dtype]:
+    """(None if the backend runs here, else the reason; the output dtype cuBLASLt accepted), once per process."""
     reason = _cuda_sm90()
     if reason:
-        return reason
+        return reason, torch.float32
     if _version_tuple(torch.version.cuda) < (12, 9):
-        return f"needs CUDA/cuBLASLt >= 12.9 for block scaling; torch was built with CUDA {torch.version.cuda}"
+        return (f"needs CUDA/cuBLASLt >= 12.9 for block scaling; torch was built with CUDA {torch.version.cuda}",
+                torch.float32)
     # A live 128x128x128 call is the only reliable check of the runtime cuBLASLt.
     dev = torch.device("cuda")
     a = Fp8Tensor(torch.ones(128, 128, device=dev).to(E4M3), torch.ones(128, 1, device=dev), (1, BLOCK))
     b = Fp8Tensor(torch.ones(128, 128, device=dev).to(E4M3), torch.ones(1, 1, device=dev), BLOCK_128x128)
     errors = []
     for out_dtype in (torch.float32, torch.bfloat16):
-        _TORCH_OUT_DTYPE[0] = out_dtype
         try:
-            y = TorchScaledMMBackend().gemm(a, b)
+            y = TorchScaledMMBackend(out_dtype).gemm(a, b)
             if torch.allclose(y.float(), torch.full_like(y.float(), 128.0)):
-                return None
+                return None, out_dtype
             errors.append(f"{out_dtype}: wrong result {y.flatten()[0].item()}")
         except Exception as exc:   # noqa: BLE001 - report whatever the library raised
             errors.append(f"{out_dtype}: {type(exc).__name__}: {exc}")
-    return "blockwise scaled matmul failed: " + "; ".join(errors)
+    return "blockwise scaled matmul failed: " + "; ".join(errors), torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +158,9 @@ class TransformerEngineBackend(Fp8Backend):
     """
 
     name = "te"
-    _workspace: torch.Tensor | None = None
+
+    def __init__(self):
+        self._workspace: torch.Tensor | None = None     # cuBLASLt workspace, allocated on first use
 
     @classmethod
     def probe(cls) -> str | None:
@@ -165,16 +173,15 @@ class TransformerEngineBackend(Fp8Backend):
         M, K = a.shape
         N = b.shape[0]
         Mp, Np, Kp = _round_up(M, 16), _round_up(N, 16), _round_up(K, BLOCK)
-        if TransformerEngineBackend._workspace is None:
+        if self._workspace is None or self._workspace.device != a.data.device:
             # TE's own Hopper workspace size (32 MiB, plus alignment slack)
-            TransformerEngineBackend._workspace = torch.empty(32 * 1024 * 1024 + 1024, dtype=torch.uint8,
-                                                             device=a.data.device)
+            self._workspace = torch.empty(32 * 1024 * 1024 + 1024, dtype=torch.uint8, device=a.data.device)
         te_a = _te_tensor(_pad_operand(a, Mp, Kp), _padded_tile_scales(a, Mp), two_d=False)
         if b.block == BLOCK_128x128:
             te_b = _te_tensor(_pad_operand(b, Np, Kp), b.scale, two_d=True)
         else:
             te_b = _te_tensor(_pad_operand(b, Np, Kp), _padded_tile_scales(b, Np), two_d=False)
-        out = general_gemm(te_b, te_a, TransformerEngineBackend._workspace, out_dtype=torch.float32,
+        out = general_gemm(te_b, te_a, self._workspace, out_dtype=torch.float32,
                            layout="TN", use_split_accumulator=True)[0]
         return out[:M, :N].to(out_dtype)
 

@@ -1,7 +1,7 @@
 """Turn a built DeepSeekV3 model into an FP8-training one, in place (TorchTitan style).
 
-    model = build_model(cfg, seed)
-    convert_to_fp8(model, Fp8Config())          # before building the optimizer or after: same tensors
+    model = build_model(cfg.model, seed)
+    convert_to_fp8(model, cfg.fp8)              # before building the optimizer or after: same tensors
     print(model.fp8_summary)                    # what was converted and what stayed high precision
     ...
     record["fp8"] = fp8_stats(model, reset=True)   # once per step, into metrics.jsonl
@@ -15,18 +15,26 @@ dense FFNs and shared experts (``gate_proj``, ``up_proj``, ``down_proj``) and th
 head (``lm_head``, whose weight megads.model.loss uses directly), the MoE router (``gate``, not an
 nn.Linear), the norms and the attention core (scores, softmax, values).
 
-How: the modules are not replaced, their class is swapped. An nn.Linear becomes an ``Fp8Linear``
-(a ``ColumnParallelLinear`` an ``Fp8ColumnParallelLinear``, which is both), a ``RoutedExperts`` an
-``Fp8RoutedExperts``; each gains ``config`` (Fp8Config) and ``fp8_stats`` (Fp8Stats). Parameters,
-buffers, hooks, names, the module tree and every other attribute stay exactly as they were, so
-``state_dict()`` keys and values, the optimizer's parameter list, checkpoints and the Hugging Face
-mapping (megads.hf) are unchanged: the FP32 master weights are the same tensor objects.
+How: the modules are not replaced, their class is swapped, and an FP8 class overrides one GEMM
+hook, never a forward. A linear layer's forward calls ``self.local_linear(x)`` for its GEMM; the
+FP8 class puts the mixin ``Fp8LocalGemm`` (megads.fp8.linear), whose local_linear is the FP8 GEMM,
+in front of the layer's class: an nn.Linear becomes an ``Fp8Linear``, a ``ColumnParallelLinear`` an
+``Fp8ColumnParallelLinear`` (Fp8LocalGemm + ColumnParallelLinear, whose forward still runs the
+collectives), a ``RowParallelLinear`` an ``Fp8RowParallelLinear``, and any other nn.Linear subclass
+whose forward is nn.Linear's or calls the hook (``ReplicatedLinear``, ...) a class made once for it.
+A ``RoutedExperts`` becomes an ``Fp8RoutedExperts``, whose ``expert_linear`` (the expert-grouped
+GEMM of both projections) is fp8_grouped_linear. Each gains ``config`` (the one Fp8Config of
+megads.config, e.g. ``cfg.fp8``; its ``enabled`` is the trainer's business, not read here) and
+``fp8_stats`` (Fp8Stats). Parameters, buffers, hooks, names, the module tree and every other
+attribute stay exactly as they were, so ``state_dict()`` keys and values, the optimizer's parameter
+list, checkpoints and the Hugging Face mapping (megads.hf) are unchanged: the FP32 master weights
+are the same tensor objects.
 
 Tensor parallelism: a ColumnParallelLinear / RowParallelLinear sharded over several ranks becomes
-an Fp8ColumnParallelLinear / Fp8RowParallelLinear, which runs the same collectives as the parallel
-layer around an FP8 GEMM on this rank's shard. Each rank quantizes what it holds: its weight shard
-in 128x128 blocks counted from the shard's own first row / column, and its activations in 1x128
-tiles along the dimension it holds (the input features of a RowParallelLinear, the output-feature
+an Fp8ColumnParallelLinear / Fp8RowParallelLinear: the parallel layer's own forward runs its
+collectives around an FP8 GEMM on this rank's shard. Each rank quantizes what it holds: its weight
+shard in 128x128 blocks counted from the shard's own first row / column, and its activations in
+1x128 tiles along the dimension it holds (the input features of a RowParallelLinear, the output-feature
 gradient of a ColumnParallelLinear). Block and tile boundaries therefore follow the shard: TP = t
 quantizes exactly as TP = 1 does (and gives the same numbers up to floating-point summation order)
 only when every sharded width (out_features / t of a column layer, in_features / t of a row
@@ -45,28 +53,22 @@ dispatched tokens without any further loss; without it their tiles are rounded a
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from types import MappingProxyType
+from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from megads.config import Fp8Config
 from megads.fp8.dispatch import Fp8DispatchCodec
-from megads.fp8.linear import Fp8Config, Fp8Linear, fp8_grouped_linear
+from megads.fp8.gemm import backend_for
+from megads.fp8.linear import Fp8Linear, Fp8LocalGemm, fp8_grouped_linear
 from megads.fp8.stats import Fp8Stats
 from megads.model.moe import MoE, RoutedExperts
-from parallel.tensor import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    copy_to_tp_region,
-    gather_from_sequence_parallel_region,
-    gather_from_tp_region,
-    reduce_from_tp_region,
-    reduce_scatter_to_sequence_parallel_region,
-    scatter_to_tp_region,
-)
+from parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 # Linear layers kept in high precision by default, matched as whole components of the module name.
 DEFAULT_SKIP = ("lm_head",)
@@ -75,74 +77,46 @@ DEFAULT_SKIP = ("lm_head",)
 # ============================================================================ converted classes
 
 
-class Fp8ColumnParallelLinear(Fp8Linear, ColumnParallelLinear):
+class Fp8ColumnParallelLinear(Fp8LocalGemm, ColumnParallelLinear):
     """A ColumnParallelLinear whose local GEMM (all three, forward and backward) runs in FP8.
 
-    The collectives are ColumnParallelLinear.forward's, in the same order, with Fp8Linear.forward
-    (this rank's output rows of the weight, quantized per 128x128 block of the shard) in place of
-    F.linear: keep the two forwards in step (tests/test_fp8_tensor_parallel.py compares them with
-    the single-process layer). Only ever made by class swap (convert_to_fp8).
+    ColumnParallelLinear.forward runs as it is, its collectives around ``local_linear``, here the
+    FP8 GEMM of this rank's output rows of the weight, quantized per 128x128 block of the shard
+    (tests/test_fp8_tensor_parallel.py compares it with the single-process Fp8Linear). Only ever
+    made by class swap (convert_to_fp8).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.tp_group)
-        elif not self.disable_grad_reduce:
-            x = copy_to_tp_region(x, self.tp_group)
-        y = Fp8Linear.forward(self, x)
-        return gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
-
-class Fp8RowParallelLinear(Fp8Linear, RowParallelLinear):
+class Fp8RowParallelLinear(Fp8LocalGemm, RowParallelLinear):
     """A RowParallelLinear whose local GEMM runs in FP8 (RowParallelLinear.forward's collectives around
-    Fp8Linear.forward); see Fp8ColumnParallelLinear. The partial products are summed over the TP group
-    in the activation dtype, as the high-precision layer does."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel:
-            x = scatter_to_tp_region(x, self.tp_group)
-        partial = Fp8Linear.forward(self, x)
-        if self.sequence_parallel:
-            return reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)
-        return reduce_from_tp_region(partial, self.tp_group)
+    the FP8 ``local_linear``); see Fp8ColumnParallelLinear. The partial products are summed over the TP
+    group in the activation dtype, as the high-precision layer does."""
 
 
-_FP8_LINEAR_CLASSES: dict[type, type] = {
+# The classes megads builds its linear layers from; any other nn.Linear subclass gets a class made
+# once (_derived_fp8_class).
+_FP8_LINEAR_CLASSES = MappingProxyType({
     nn.Linear: Fp8Linear,
     ColumnParallelLinear: Fp8ColumnParallelLinear,
     RowParallelLinear: Fp8RowParallelLinear,
-}
-
-
-def fp8_grouped_swiglu(tokens: torch.Tensor, gates: torch.Tensor, tokens_per_expert: Sequence[int],
-                       gate_up: torch.Tensor, down: torch.Tensor, config: Fp8Config,
-                       stats: Fp8Stats | None = None) -> torch.Tensor:
-    """megads.model.moe.grouped_swiglu with both grouped GEMMs in FP8 (fp8_grouped_linear).
-
-    tokens [N, H] sorted by expert, gates [N], gate_up [E, 2I, H], down [E, H, I]. The SwiGLU and
-    the gate scaling stay in high precision between the two GEMMs.
-    """
-    sizes = [int(s) for s in tokens_per_expert]
-    if sum(sizes) == 0:
-        return tokens.new_zeros(tokens.shape[0], down.shape[1])
-    gate, up = fp8_grouped_linear(tokens, gate_up, sizes, config, stats).chunk(2, dim=-1)
-    hidden = F.silu(gate) * up * gates.unsqueeze(-1).to(up.dtype)
-    return fp8_grouped_linear(hidden, down, sizes, config, stats)
+})
 
 
 class Fp8RoutedExperts(RoutedExperts):
     """RoutedExperts whose grouped GEMMs run in FP8; same parameters (gate_up_proj, down_proj).
 
+    RoutedExperts.forward runs as it is (the SwiGLU and the gate scaling stay in high precision
+    between the two GEMMs); only its expert-grouped GEMM, ``expert_linear``, is fp8_grouped_linear.
     Only ever made by class swap (convert_to_fp8), which adds ``config`` and ``fp8_stats``.
     """
 
     config: Fp8Config
     fp8_stats: Fp8Stats
 
-    def forward(self, sorted_tokens: torch.Tensor, sorted_gates: torch.Tensor,
-                tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        return fp8_grouped_swiglu(sorted_tokens, sorted_gates, tokens_per_expert.tolist(), self.gate_up_proj,
-                                  self.down_proj, self.config, self.fp8_stats)
+    def expert_linear(self, x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        if sum(tokens_per_expert) == 0:           # no tokens here: no GEMM, no gradient (as grouped_linear)
+            return x.new_zeros(x.shape[0], weight.shape[1])
+        return fp8_grouped_linear(x, weight, tokens_per_expert, self.config, self.fp8_stats)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -151,7 +125,7 @@ class Fp8RoutedExperts(RoutedExperts):
                 f"cache_activations={c.cache_activations}")
 
 
-FP8_MODULE_TYPES = (Fp8Linear, Fp8RoutedExperts)
+FP8_MODULE_TYPES = (Fp8LocalGemm, Fp8RoutedExperts)
 
 
 # ============================================================================ conversion
@@ -162,7 +136,7 @@ class Fp8ConversionSummary:
     """What convert_to_fp8 did: module names converted, and those with weights left high precision."""
 
     config: Fp8Config
-    linears: list[str] = field(default_factory=list)          # now Fp8Linear
+    linears: list[str] = field(default_factory=list)          # now FP8 (an Fp8LocalGemm)
     grouped_experts: list[str] = field(default_factory=list)  # now Fp8RoutedExperts
     dispatchers: list[str] = field(default_factory=list)      # MoE layers whose expert dispatch is FP8
     kept: dict[str, str] = field(default_factory=dict)        # name -> class, modules with own weights kept
@@ -195,18 +169,37 @@ def _name_matches(fqn: str, pattern: str) -> bool:
     return f".{pattern}." in f".{fqn}."
 
 
+def _forward_owner(cls: type) -> type:
+    """The class in cls's MRO whose forward cls runs."""
+    return next(k for k in cls.__mro__ if "forward" in vars(k))
+
+
 def _fp8_class_for(name: str, module: nn.Linear) -> type:
     cls = type(module)
     if cls in _FP8_LINEAR_CLASSES:
         return _FP8_LINEAR_CLASSES[cls]
-    if cls.forward is not nn.Linear.forward:
+    owner = _forward_owner(cls)
+    if owner is not nn.Linear and "local_linear" not in vars(owner):
         raise NotImplementedError(f"convert_to_fp8: {name} is a {cls.__name__} with its own forward; only "
-                                  f"nn.Linear, ColumnParallelLinear and RowParallelLinear (and nn.Linear "
-                                  f"subclasses that keep its forward) can be converted. Skip it with skip=.")
-    # An nn.Linear subclass with nn.Linear's forward: a combined class, made once per class.
-    fp8_cls = type(f"Fp8{cls.__name__}", (Fp8Linear, cls), {"__module__": __name__})
-    _FP8_LINEAR_CLASSES[cls] = fp8_cls
-    return fp8_cls
+                                  f"nn.Linear subclasses that keep nn.Linear's forward or whose forward comes "
+                                  f"from a class that defines the local_linear hook (ColumnParallelLinear, "
+                                  f"RowParallelLinear, ...) can be converted. Skip it with skip=.")
+    return _derived_fp8_class(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _derived_fp8_class(cls: type) -> type:
+    """The FP8 class of an nn.Linear subclass, made once per class.
+
+    Its forward runs its GEMM through ``local_linear`` (the hook, here Fp8LocalGemm's) when the
+    class that defines the forward also defines local_linear and the forward is not that method
+    itself: then cls's forward runs as it is. Otherwise (nn.Linear's forward, or ``forward =
+    local_linear``, which would call cls's own GEMM directly) Fp8Linear's forward replaces it.
+    """
+    owner = _forward_owner(cls)
+    calls_hook = owner is not nn.Linear and vars(owner)["forward"] is not vars(owner)["local_linear"]
+    base = Fp8LocalGemm if calls_hook else Fp8Linear
+    return type(f"Fp8{cls.__name__}", (base, cls), {"__module__": __name__, "__qualname__": f"Fp8{cls.__name__}"})
 
 
 def _attach(module: nn.Module, cls: type, config: Fp8Config) -> None:
@@ -237,21 +230,22 @@ def convert_to_fp8(model: nn.Module, fp8_config: Fp8Config | None = None, *,
                    log: Callable[[str], None] | None = None) -> nn.Module:
     """Convert ``model`` in place to FP8 training and return it; ``model.fp8_summary`` says what changed.
 
-    Every nn.Linear (ColumnParallelLinear and RowParallelLinear included) becomes an Fp8Linear,
-    except those whose name contains a ``skip`` entry as whole components (default: ``lm_head``)
+    Every nn.Linear (ColumnParallelLinear and RowParallelLinear included) becomes FP8 (an
+    Fp8LocalGemm: Fp8Linear, Fp8ColumnParallelLinear, ...; see the module docstring), except those whose name contains a ``skip`` entry as whole components (default: ``lm_head``)
     or for which ``module_filter(name, module)`` returns False; with ``experts`` every
     RoutedExperts becomes an Fp8RoutedExperts. Embeddings, routers and norms are never touched.
     Tensor-parallel layers may be sharded (see the module docstring). With ``fp8_config.dispatch``
     every MoE layer's token dispatcher gets an Fp8DispatchCodec (counted in its routed experts'
     fp8_stats when those are FP8); without it an FP8 codec set by an earlier conversion is removed.
-    Already converted modules take the new config (their stats are reset).
+    Already converted modules take the new config (their stats are reset). ``fp8_config`` is the
+    ``fp8`` section as it is (``cfg.fp8``); its ``enabled`` is not read here.
 
     Nothing is copied: parameters stay the same objects (see the module docstring). Everything is
     checked before anything changes: a linear layer with a forward of its own (NotImplementedError)
     or an unavailable backend (Fp8BackendUnavailable) leaves the model as it was.
     """
     config = fp8_config or Fp8Config()
-    config.get_backend()                          # probe now: fail before converting anything
+    backend_for(config)                           # probe now: fail before converting anything
     skip = tuple(skip)
     summary = Fp8ConversionSummary(config)
     plan: list[tuple[nn.Module, type]] = []
@@ -260,12 +254,12 @@ def convert_to_fp8(model: nn.Module, fp8_config: Fp8Config | None = None, *,
             wanted = (not any(_name_matches(name, s) for s in skip)
                       and (module_filter is None or module_filter(name, module)))
             if not wanted:
-                if isinstance(module, Fp8Linear):
+                if isinstance(module, Fp8LocalGemm):
                     raise ValueError(f"convert_to_fp8: {name} is already FP8 but is excluded now; "
                                      f"converting back is not supported")
                 summary.kept[name] = type(module).__name__
                 continue
-            cls = type(module) if isinstance(module, Fp8Linear) else _fp8_class_for(name, module)
+            cls = type(module) if isinstance(module, Fp8LocalGemm) else _fp8_class_for(name, module)
             plan.append((module, cls))
             summary.linears.append(name)
         elif isinstance(module, RoutedExperts) and (experts or isinstance(module, Fp8RoutedExperts)):
@@ -290,7 +284,7 @@ def convert_to_fp8(model: nn.Module, fp8_config: Fp8Config | None = None, *,
 
 
 def fp8_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    """(name, module) of every FP8 layer (Fp8Linear or Fp8RoutedExperts) in model."""
+    """(name, module) of every FP8 layer (an Fp8LocalGemm such as Fp8Linear, or Fp8RoutedExperts) in model."""
     for name, module in model.named_modules():
         if isinstance(module, FP8_MODULE_TYPES) or isinstance(getattr(module, "fp8_stats", None), Fp8Stats):
             yield name, module

@@ -15,6 +15,8 @@ clamps to [-448, 448] first; then the cast only ever rounds a value inside the f
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 E4M3 = torch.float8_e4m3fn
@@ -83,14 +85,11 @@ def exponent_table() -> torch.Tensor:
     return exp.to(torch.int16)
 
 
-_TABLES: dict = {}
-
-
 def code_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(values fp32 [256], exponents int16 [256]) on ``device``, cached."""
-    key = str(device)
-    t = _TABLES.get(key)
-    if t is None:
-        t = (decode(all_codes()).to(device), exponent_table().to(device))
-        _TABLES[key] = t
-    return t
+    return _code_tables(str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _code_tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return decode(all_codes()).to(device), exponent_table().to(device)

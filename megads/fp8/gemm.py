@@ -32,13 +32,18 @@ CPU install never needs them, and asking for one that cannot run raises
 
 from __future__ import annotations
 
+import functools
 import importlib
-from typing import Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from megads.fp8.accumulate import DEFAULT_PROMOTE_EVERY, HOPPER_BLOCK, hopper_chains, promote
 from megads.fp8.quantize import BLOCK, BLOCK_128x128, TILE_1x128, Fp8Tensor
+
+if TYPE_CHECKING:
+    from megads.config import Fp8Config
 
 ACCUMULATIONS = ("fp32", "hopper")
 
@@ -189,12 +194,11 @@ def hopper_gemm(a: Fp8Tensor, b: Fp8Tensor, promote_every: int | None = DEFAULT_
 # ---------------------------------------------------------------------------------------------
 # registry
 
-_REGISTRY = {
+_REGISTRY = MappingProxyType({
     "emulated": "megads.fp8.gemm:EmulatedBackend",
     "te": "megads.fp8.backends:TransformerEngineBackend",
     "torch": "megads.fp8.backends:TorchScaledMMBackend",
-}
-_CACHE: dict = {}
+})
 
 
 def _backend_class(name: str) -> type[Fp8Backend]:
@@ -217,9 +221,17 @@ def get_backend(name: str = "emulated", *, accumulation: str = "fp32",
     backends accumulate as their GPU does (on Hopper: the tensor-core chain, promoted to FP32 by
     the library), whatever these say; they are still validated so a typo fails everywhere.
     """
-    key = (name, accumulation, promote_every)
-    if key in _CACHE:
-        return _CACHE[key]
+    return _configured_backend(name, accumulation, promote_every)
+
+
+def backend_for(config: Fp8Config) -> Fp8Backend:
+    """The backend an Fp8Config names, with its accumulation and promote_every (get_backend)."""
+    return get_backend(config.backend, accumulation=config.accumulation, promote_every=config.promote_every)
+
+
+@functools.lru_cache(maxsize=None)
+def _configured_backend(name: str, accumulation: str, promote_every: int | None) -> Fp8Backend:
+    """One backend instance per (name, accumulation, promote_every); a failed probe raises and is not cached."""
     cls = _backend_class(name)
     reason = cls.probe()
     if reason is not None:
@@ -230,7 +242,6 @@ def get_backend(name: str = "emulated", *, accumulation: str = "fp32",
         if accumulation not in ACCUMULATIONS:
             raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
         backend = cls()
-    _CACHE[key] = backend
     return backend
 
 

@@ -1,4 +1,13 @@
-"""FP8 linear layers: ``Fp8Linear`` (drop-in for nn.Linear) and the expert-grouped linear.
+"""FP8 linear layers: the FP8 local GEMM, ``Fp8Linear`` (drop-in for nn.Linear), the expert-grouped linear.
+
+    Fp8LocalGemm        mixin defining ``local_linear(x)``, the one GEMM hook a linear layer's forward
+                        calls (megads.fp8.convert puts it in front of the parallel layers)
+    Fp8Linear           Fp8LocalGemm + nn.Linear, forward = local_linear
+    fp8_grouped_linear  expert-grouped GEMM (the routed experts' ``expert_linear`` hook)
+
+The configuration is megads.config.Fp8Config (the ``fp8`` YAML section): its backend, accumulation
+and promote_every pick the GEMM backend (megads.fp8.gemm.backend_for), its pow2_scales and eps
+the scales of every quantization here.
 
 The FP32 master weight stays the parameter; every forward quantizes it online per 128x128 block
 and the input per 1x128 tile (megads.fp8.quantize), and all three GEMMs run in E4M3:
@@ -25,19 +34,17 @@ must not be silently downcast to bf16.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from megads.fp8.accumulate import DEFAULT_PROMOTE_EVERY
-from megads.fp8.gemm import Fp8Backend, get_backend
+from megads.config import Fp8Config
 from megads.fp8.format import E4M3
+from megads.fp8.gemm import backend_for
 from megads.fp8.quantize import (
     BLOCK,
     BLOCK_128x128,
-    DEFAULT_EPS,
     TILE_1x128,
     Fp8Tensor,
     ceil_div,
@@ -47,37 +54,14 @@ from megads.fp8.quantize import (
 from megads.fp8.stats import Fp8Stats
 
 
-@dataclass(frozen=True)
-class Fp8Config:
-    """How FP8 layers quantize and multiply.
+def _tiles(cfg: Fp8Config, x: torch.Tensor) -> Fp8Tensor:
+    """x quantized per 1x128 tile with the config's scales (pow2_scales, eps)."""
+    return quantize_tiles(x, pow2=cfg.pow2_scales, eps=cfg.eps)
 
-    backend: "emulated" | "te" | "torch" (megads.fp8.gemm.get_backend).
-    accumulation: "fp32" (fast, default) | "hopper" (bit-exact tensor-core chain; emulated only).
-    promote_every: restart the hopper chain every this many K elements (None: never).
-    pow2_scales: round scales up to powers of two (exact dequantization).
-    eps: floor of a tile's amax (keeps all-zero tiles finite).
-    cache_activations: save the layer input for backward in FP8 instead of FP32.
-    dispatch: send the routed experts' input tokens through the expert-parallel all-to-all in FP8
-        (1x128 tiles, power-of-two scales; megads.fp8.dispatch). Read by convert_to_fp8, which gives
-        every MoE layer's token dispatcher an Fp8DispatchCodec; the linear layers ignore it.
-    """
 
-    backend: str = "emulated"
-    accumulation: str = "fp32"
-    promote_every: int | None = DEFAULT_PROMOTE_EVERY
-    pow2_scales: bool = False
-    eps: float = DEFAULT_EPS
-    cache_activations: bool = True
-    dispatch: bool = False
-
-    def get_backend(self) -> Fp8Backend:
-        return get_backend(self.backend, accumulation=self.accumulation, promote_every=self.promote_every)
-
-    def tiles(self, x: torch.Tensor) -> Fp8Tensor:
-        return quantize_tiles(x, pow2=self.pow2_scales, eps=self.eps)
-
-    def blocks(self, w: torch.Tensor) -> Fp8Tensor:
-        return quantize_blocks(w, pow2=self.pow2_scales, eps=self.eps)
+def _blocks(cfg: Fp8Config, w: torch.Tensor) -> Fp8Tensor:
+    """w quantized per 128x128 block with the config's scales (pow2_scales, eps)."""
+    return quantize_blocks(w, pow2=cfg.pow2_scales, eps=cfg.eps)
 
 
 def _token_axis(cfg: Fp8Config, x: torch.Tensor, sizes: Sequence[int],
@@ -90,7 +74,7 @@ def _token_axis(cfg: Fp8Config, x: torch.Tensor, sizes: Sequence[int],
     codes, scales, start = [], [], 0
     for size in sizes:
         if size:
-            q = cfg.tiles(x[start:start + size].t())
+            q = _tiles(cfg, x[start:start + size].t())
             stats.record(q)
             codes.append(q.data)
             scales.append(q.scale)
@@ -140,11 +124,11 @@ class Fp8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, cfg: Fp8Config, stats: Fp8Stats):
-        backend = cfg.get_backend()
+        backend = backend_for(cfg)
         K = x.shape[-1]
         N = weight.shape[0]
         x2 = x.reshape(-1, K)
-        xq, wq = cfg.tiles(x2), cfg.blocks(weight)
+        xq, wq = _tiles(cfg, x2), _blocks(cfg, weight)
         stats.record(xq)
         stats.record(wq)
         y = backend.gemm(xq, wq, torch.float32)
@@ -160,21 +144,21 @@ class Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         cfg, stats = ctx.cfg, ctx.stats
-        backend = cfg.get_backend()
+        backend = backend_for(cfg)
         with torch.autocast(dy.device.type, enabled=False):
             xt_codes, xt_scales, wq = _load(ctx, cfg)
             N = wq.shape[0]
             dy2 = dy.reshape(-1, N).float()
             dx = dw = db = None
             if ctx.needs_input_grad[0]:
-                dyq = cfg.tiles(dy2)                                    # 1x128 along N
+                dyq = _tiles(cfg, dy2)                                  # 1x128 along N
                 stats.record(dyq)
                 dx = backend.gemm(dyq, wq.t(), torch.float32).to(ctx.x_dtype).view(ctx.x_shape)
                 stats.gemms += 1
             if ctx.needs_input_grad[1]:
                 dw = torch.zeros(wq.shape, dtype=ctx.w_dtype, device=dy.device)
                 for _, _, xt in _token_axis_groups(xt_codes, xt_scales, ctx.sizes):   # one group (none if T = 0)
-                    dyt = cfg.tiles(dy2.t())                            # 1x128 along the tokens
+                    dyt = _tiles(cfg, dy2.t())                          # 1x128 along the tokens
                     stats.record(dyt)
                     dw = backend.gemm(dyt, xt, torch.float32).to(ctx.w_dtype)
                     stats.gemms += 1
@@ -187,29 +171,55 @@ def fp8_linear_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          stats: Fp8Stats) -> torch.Tensor:
     """The forward GEMM alone (no autograd, nothing saved): the same numbers as the training path."""
     K, N = x.shape[-1], weight.shape[0]
-    xq, wq = cfg.tiles(x.reshape(-1, K)), cfg.blocks(weight)
+    xq, wq = _tiles(cfg, x.reshape(-1, K)), _blocks(cfg, weight)
     stats.record(xq)
     stats.record(wq)
-    y = cfg.get_backend().gemm(xq, wq, torch.float32)
+    y = backend_for(cfg).gemm(xq, wq, torch.float32)
     stats.gemms += 1
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], N)
 
 
-class Fp8Linear(nn.Linear):
+class Fp8LocalGemm:
+    """Mixin: the layer's local GEMM, ``local_linear(x)``, runs in E4M3 (all three GEMMs, see above).
+
+    The one method FP8 overrides in a linear layer. Put before an nn.Linear (sub)class whose
+    forward calls ``self.local_linear(x)`` for its GEMM: Fp8Linear's forward is that call alone;
+    ColumnParallelLinear's and RowParallelLinear's run their collectives around it
+    (megads.fp8.convert). Uses the layer's ``weight`` (this rank's shard), its ``bias`` if it has
+    one, and the ``config`` (Fp8Config) and ``fp8_stats`` (Fp8Stats) an FP8 layer carries.
+    """
+
+    config: Fp8Config
+    fp8_stats: Fp8Stats
+
+    def local_linear(self, x: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self, "bias", None)
+        with torch.autocast(x.device.type, enabled=False):
+            if not torch.is_grad_enabled():
+                return fp8_linear_inference(x, self.weight, bias, self.config, self.fp8_stats)
+            return Fp8LinearFunction.apply(x, self.weight, bias, self.config, self.fp8_stats)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"{super().extra_repr()}, backend={c.backend}, accumulation={c.accumulation}, "
+                f"pow2_scales={c.pow2_scales}, cache_activations={c.cache_activations}")
+
+
+class Fp8Linear(Fp8LocalGemm, nn.Linear):
     """nn.Linear whose forward and backward GEMMs run in E4M3 with fine-grained scales.
 
     Same constructor, parameters, initialisation and state_dict as nn.Linear (the weight is the
     FP32 master copy), plus ``config`` (Fp8Config) and ``fp8_stats`` (Fp8Stats: tiles quantized,
-    eps-clamped tiles, inf/NaN detections, GEMMs).
+    eps-clamped tiles, inf/NaN detections, GEMMs). Its forward is the local GEMM alone.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
                  config: Fp8Config | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.config = config or Fp8Config()
-        self.config.get_backend()                 # probe now: fail at construction, not mid-step
+        backend_for(self.config)                  # probe now: fail at construction, not mid-step
         self.fp8_stats = Fp8Stats()
 
     @classmethod
@@ -221,20 +231,12 @@ class Fp8Linear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         new.config = config or Fp8Config()
-        new.config.get_backend()
+        backend_for(new.config)
         new.fp8_stats = Fp8Stats()
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            if not torch.is_grad_enabled():
-                return fp8_linear_inference(x, self.weight, self.bias, self.config, self.fp8_stats)
-            return Fp8LinearFunction.apply(x, self.weight, self.bias, self.config, self.fp8_stats)
-
-    def extra_repr(self) -> str:
-        c = self.config
-        return (f"{super().extra_repr()}, backend={c.backend}, accumulation={c.accumulation}, "
-                f"pow2_scales={c.pow2_scales}, cache_activations={c.cache_activations}")
+        return self.local_linear(x)
 
 
 class Fp8GroupedLinearFunction(torch.autograd.Function):
@@ -247,8 +249,8 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, group_sizes: tuple[int, ...], cfg: Fp8Config, stats: Fp8Stats):
-        backend = cfg.get_backend()
-        xq, wq = cfg.tiles(x), cfg.blocks(weight)           # x [T, K]; weight [E, N, K]
+        backend = backend_for(cfg)
+        xq, wq = _tiles(cfg, x), _blocks(cfg, weight)       # x [T, K]; weight [E, N, K]
         stats.record(xq)
         stats.record(wq)
         y = backend.grouped_gemm(xq, wq, group_sizes, torch.float32)
@@ -261,20 +263,20 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         cfg, stats, sizes = ctx.cfg, ctx.stats, ctx.group_sizes
-        backend = cfg.get_backend()
+        backend = backend_for(cfg)
         with torch.autocast(dy.device.type, enabled=False):
             xt_codes, xt_scales, wq = _load(ctx, cfg)
             dy2 = dy.float()
             dx = dw = None
             if ctx.needs_input_grad[0]:
-                dyq = cfg.tiles(dy2)
+                dyq = _tiles(cfg, dy2)
                 stats.record(dyq)
                 dx = backend.grouped_gemm(dyq, wq.t(), sizes, torch.float32).to(ctx.x_dtype)
                 stats.gemms += sum(1 for s in sizes if s)
             if ctx.needs_input_grad[1]:
                 dw = torch.zeros(ctx.w_shape, dtype=ctx.w_dtype, device=dy.device)
                 for g, start, xt in _token_axis_groups(xt_codes, xt_scales, sizes):
-                    dyt = cfg.tiles(dy2[start:start + xt.shape[1]].t())
+                    dyt = _tiles(cfg, dy2[start:start + xt.shape[1]].t())
                     stats.record(dyt)
                     dw[g] = backend.gemm(dyt, xt, torch.float32).to(ctx.w_dtype)
                     stats.gemms += 1

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from megads.config import ModelConfig
+from parallel.context import ParallelContext
 from megads.model.mla import MultiHeadLatentAttention
 from megads.model.mlp import SwiGLU
 from megads.model.moe import MoE
@@ -15,15 +16,15 @@ from megads.model.norm import RMSNorm
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int, tp_group=None, ep_group=None,
-                 sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, layer_index: int, ctx: ParallelContext | None = None):
         super().__init__()
+        ctx = ctx or ParallelContext.single()
         self.layer_index = layer_index
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MultiHeadLatentAttention(cfg, tp_group, sequence_parallel)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (MoE(cfg, tp_group, ep_group, sequence_parallel) if cfg.is_moe_layer(layer_index)
-                    else SwiGLU(cfg.hidden_size, cfg.intermediate_size, tp_group, sequence_parallel))
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
+        self.self_attn = MultiHeadLatentAttention(cfg, ctx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
+        self.mlp = (MoE(cfg, ctx) if cfg.is_moe_layer(layer_index)
+                    else SwiGLU(cfg.hidden_size, cfg.intermediate_size, ctx))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)

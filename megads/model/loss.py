@@ -19,11 +19,11 @@ IGNORE_INDEX = -100
 CHUNK_TOKENS = 1024
 
 
-def masked_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
+def masked_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp=None) -> torch.Tensor:
     """Mean cross-entropy of logits [..., V] (or this TP rank's vocabulary shard [..., V/t]) over
     non-ignored labels; 0 if there are none."""
     per_token = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), IGNORE_INDEX,
-                                             tp_group)
+                                             tp)
     return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 

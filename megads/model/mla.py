@@ -23,7 +23,7 @@ consumer of the gathered tensor leaves its gradient partial (this rank's heads' 
 kv_b_proj do not all-reduce their input gradient and neither does the shared rope key; the gather's
 backward reduce-scatters the sum into complete chunk gradients, as plain TP's all-reduce would. The
 replicated low-rank weights and norms then see only this rank's tokens (partial weight gradients,
-summed over TP by the trainer like the block norms). Without q_lora_rank, q_proj gathers the hidden
+which they declare, like the block norms: `parallel.grad_duties`). Without q_lora_rank, q_proj gathers the hidden
 chunk itself (a second gather). o_proj reduce-scatters to chunks. RoPE is unchanged: attention runs
 on the full sequence, positions 0..S-1.
 """
@@ -37,16 +37,17 @@ from torch import nn
 from megads.config import ModelConfig
 from megads.model.norm import RMSNorm
 from megads.model.rope import RotaryEmbedding, softmax_scale
-from parallel.tensor import (ColumnParallelLinear, RowParallelLinear, copy_to_tp_region,
-                             gather_from_sequence_parallel_region, tp_size)
+from parallel.context import ParallelContext
+from parallel.tensor import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, copy_to_tp_region,
+                             gather_from_sequence_parallel_region)
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None):
         super().__init__()
-        self.tp_group = tp_group
-        self.sequence_parallel = sp = sequence_parallel and tp_size(tp_group) > 1
-        self.num_heads = cfg.num_attention_heads // tp_size(tp_group)  # this rank's heads
+        ctx = ctx or ParallelContext.single()
+        self.tp, self.sequence_parallel = ctx.tp, ctx.sequence_parallel
+        self.num_heads = cfg.num_attention_heads // ctx.tp.size  # this rank's heads
         self.q_lora_rank = cfg.q_lora_rank
         self.kv_lora_rank = cfg.kv_lora_rank
         self.qk_nope_head_dim = cfg.qk_nope_head_dim
@@ -56,18 +57,16 @@ class MultiHeadLatentAttention(nn.Module):
         heads = cfg.num_attention_heads
 
         if self.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(cfg.hidden_size, heads * self.qk_head_dim, tp_group,
-                                               sequence_parallel=sp)
+            self.q_proj = ColumnParallelLinear(cfg.hidden_size, heads * self.qk_head_dim, ctx)
         else:
-            self.q_a_proj = nn.Linear(cfg.hidden_size, self.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * self.qk_head_dim, tp_group,
-                                                 disable_grad_reduce=sp)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+            self.q_a_proj = ReplicatedLinear(cfg.hidden_size, self.q_lora_rank, ctx)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps, ctx)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * self.qk_head_dim, ctx, input_gathered=True)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(cfg.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, ctx)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps, ctx)
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim),
-                                              tp_group, disable_grad_reduce=sp)
-        self.o_proj = RowParallelLinear(heads * self.v_head_dim, cfg.hidden_size, tp_group, sequence_parallel=sp)
+                                              ctx, input_gathered=True)
+        self.o_proj = RowParallelLinear(heads * self.v_head_dim, cfg.hidden_size, ctx)
 
         self.rope = RotaryEmbedding(self.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
         self.softmax_scale = softmax_scale(self.qk_head_dim, cfg.rope_scaling)
@@ -85,7 +84,7 @@ class MultiHeadLatentAttention(nn.Module):
                                                                      dim=-1)
             kv_latent = self.kv_a_layernorm(compressed_kv)
             # The shared rope key feeds only this rank's heads: its gradient is summed over TP ranks.
-            k_rope = copy_to_tp_region(k_rope, self.tp_group)
+            k_rope = copy_to_tp_region(k_rope, self.tp)
         batch, seq, _ = kv_latent.shape  # the full sequence
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(q_latent)
         q = q.view(batch, seq, self.num_heads, self.qk_head_dim)
@@ -114,7 +113,7 @@ class MultiHeadLatentAttention(nn.Module):
         if self.q_lora_rank is not None:
             parts.insert(0, self.q_a_layernorm(self.q_a_proj(x)))
         dtypes = [part.dtype for part in parts]  # the norms return FP32 under bf16 autocast, k_rope bf16
-        gathered = gather_from_sequence_parallel_region(torch.cat(parts, dim=-1), self.tp_group, grad_is_partial=True)
+        gathered = gather_from_sequence_parallel_region(torch.cat(parts, dim=-1), self.tp, grad_is_partial=True)
         parts = [part.to(dtype) for part, dtype in
                  zip(gathered.split([part.shape[-1] for part in parts], dim=-1), dtypes)]
         return (None, *parts) if self.q_lora_rank is None else tuple(parts)

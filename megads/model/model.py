@@ -8,14 +8,19 @@ GEMMs and MTP modules live under `mtp.{k}` (`megads.hf` maps both to and from th
 Layers are kept in a ModuleDict keyed by their global index so that a pipeline stage holding
 layers 7..13 names them exactly as the full model does.
 
-Sequence parallelism (`sequence_parallel=True` with TP > 1, Megatron-style): the residual stream
-between blocks is this rank's contiguous sequence chunk [B, S/t, hidden]. The embedding
-reduce-scatters into chunks, norms and residual adds run on chunks, attention and the FFNs gather
-the sequence and reduce-scatter their output, MoE routes each rank's chunk (no batch split), and
-the output head gathers the normed chunks for the vocabulary-parallel loss on the full sequence
-(labels stay full). Parameters replicated over the TP group then get partial gradients:
-`sequence_parallel_parameters()` lists those the trainer must sum over TP (the router's are summed
-anyway, SP or not).
+The parallel layout arrives as one `parallel.context.ParallelContext` (None: one process), which
+every layer that communicates receives. Sequence parallelism (``ctx.sequence_parallel``,
+Megatron-style): the residual stream between blocks is this rank's contiguous sequence chunk
+[B, S/t, hidden]. The embedding reduce-scatters into chunks, norms and residual adds run on chunks,
+attention and the FFNs gather the sequence and reduce-scatter their output, MoE routes each rank's
+chunk (no batch split), and the output head gathers the normed chunks for the vocabulary-parallel
+loss on the full sequence (labels stay full). Parameters replicated over the TP group then get
+partial gradients, which they declare where they are created (`parallel.grad_duties`).
+
+Pipeline stages: `StageSpec` says which slice of the model a module holds, and the public stage
+API is `forward_stage` (embedding or the previous stage's output -> this stage's last block
+output) and `stage_losses` (the last stage: head, MTP and balance losses from that output);
+`compute_loss` chains the two on the whole model.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from megads.model.mtp import MTPModule
 from megads.model.norm import RMSNorm
 from megads.model.rope import RotaryEmbedding
 from megads.model.loss import IGNORE_INDEX, linear_cross_entropy, masked_mean_cross_entropy  # noqa: F401 (re-exported)
+from parallel.context import ParallelContext
 from parallel.tensor import (ColumnParallelLinear, VocabParallelEmbedding, gather_along_dim, gather_from_tp_region,
-                             shard_for_rank, tp_size)
+                             shard_for_rank)
 
 
 
@@ -107,65 +113,51 @@ def stage_specs(cfg: ModelConfig, num_stages: int, layers_per_stage: Optional[li
     return [StageSpec(r, first=s == 0, last=s == num_stages - 1) for s, r in enumerate(ranges)]
 
 
-@dataclass
-class StageOutput:
-    """What a stage's forward produces: the hidden states for the next stage (not on the last
-    stage), the losses (on the last stage), and the balance loss of this stage's MoE layers, which
-    its backward must include (it is already part of `losses.loss` on the last stage)."""
-
-    hidden: Optional[torch.Tensor]
-    losses: Optional[LossOutput]
-    balance_loss: Optional[torch.Tensor]
-
-
 class DeepSeekV3(nn.Module):
-    """The model, or with `stage` one pipeline stage of it; `tp_group` / `ep_group` (process groups,
-    None for size 1) inject tensor and expert parallelism into the layers that support it,
-    `sequence_parallel` sequence parallelism (a no-op unless the TP group has more than one rank)."""
+    """The model, or with `stage` one pipeline stage of it; `ctx` (None: one process) injects the
+    parallel layout into the layers that communicate."""
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, ep_group=None, sequence_parallel: bool = False,
-                 stage: Optional[StageSpec] = None):
+    def __init__(self, cfg: ModelConfig, ctx: Optional[ParallelContext] = None, stage: Optional[StageSpec] = None):
         super().__init__()
         self.cfg = cfg
+        self.ctx = ctx = ctx or ParallelContext.single()
         self.stage = stage or StageSpec(range(cfg.num_hidden_layers))
-        self.tp_group, self.ep_group = tp_group, ep_group
-        self.sequence_parallel = sp = sequence_parallel and tp_size(tp_group) > 1
         last, mtp_depth = self.stage.last, cfg.num_nextn_predict_layers
         if self.stage.first or (last and mtp_depth > 0):
-            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group,
-                                                       sequence_parallel=sp)
-        self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, i, tp_group, ep_group, sp) for i in self.stage.layers})
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i, ctx) for i in self.stage.layers})
         if last:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group, sequence_parallel=sp)
-        self.mtp = nn.ModuleList([MTPModule(cfg, cfg.num_hidden_layers + k, tp_group, ep_group, sp)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
+            self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, ctx)
+        self.mtp = nn.ModuleList([MTPModule(cfg, cfg.num_hidden_layers + k, ctx)
                                   for k in range(mtp_depth if last else 0)])
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
 
     # ------------------------------------------------------------------ forward
 
-    def _positions(self, input_ids: torch.Tensor):
-        return self.positions(input_ids.shape[1], input_ids.device)
-
     def positions(self, seq_length: int, device: torch.device):
         """Rotary (cos, sin) for positions 0..seq_length-1 (the full sequence, also under SP)."""
         return self.rotary(torch.arange(seq_length, device=device))
 
-    def hidden_states(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Output of this module's last transformer block (before the final norm), [B, S, hidden]
-        (under sequence parallelism this rank's chunk [B, S/t, hidden]). It starts from the
-        embedding of input_ids, or from `hidden`, a previous pipeline stage's output."""
-        h = self.embed_tokens(input_ids) if hidden is None else hidden
+    def forward_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """This module's part of the forward: the output of its last transformer block (before the
+        final norm), [B, S, hidden], or under sequence parallelism this rank's chunk [B, S/t, hidden].
+
+        `x` is the token ids [B, S] on the first stage (which embeds them), else the previous
+        stage's output (this rank's chunk under SP).
+        """
+        if self.stage.first:
+            h, seq_length = self.embed_tokens(x), x.shape[1]
+        else:
+            h, seq_length = x, self.ctx.full_sequence_length(x.shape[1])
+        cos, sin = self.positions(seq_length, x.device)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         return h
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, S, vocab] for input_ids [B, S] (the main model; MTP is training-only)."""
-        cos, sin = self._positions(input_ids)
-        return gather_from_tp_region(self.lm_head(self.norm(self.hidden_states(input_ids, cos, sin))), self.tp_group)
+        return gather_from_tp_region(self.lm_head(self.norm(self.forward_stage(input_ids))), self.ctx.tp)
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the output head on already-normed hidden states.
@@ -177,35 +169,20 @@ class DeepSeekV3(nn.Module):
         """
         if self.lm_head.tp_size == 1:
             return linear_cross_entropy(hidden, self.lm_head.weight, labels)
-        return masked_mean_cross_entropy(self.lm_head(hidden), labels, self.tp_group)
+        return masked_mean_cross_entropy(self.lm_head(hidden), labels, self.ctx.tp)
 
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         """Language-model loss, MTP losses per depth and the sequence-wise balance loss.
 
         labels[b, i] is the token after input_ids[b, i] (IGNORE_INDEX where there is none).
         """
-        cos, sin = self._positions(input_ids)
-        return self._losses(self.hidden_states(input_ids, cos, sin), input_ids, labels, cos, sin)
+        return self.stage_losses(self.forward_stage(input_ids), input_ids, labels)
 
-    def forward_stage(self, hidden: Optional[torch.Tensor], input_ids: torch.Tensor,
-                      labels: Optional[torch.Tensor] = None) -> StageOutput:
-        """This pipeline stage's part of compute_loss: embed (first stage) or take the previous
-        stage's hidden states, run this stage's blocks, and on the last stage compute the losses.
-
-        Every stage gets the micro-batch's input_ids (for rotary positions, and for MTP on the last
-        stage); the last stage also gets the labels.
-        """
-        cos, sin = self._positions(input_ids)
-        h = self.hidden_states(input_ids, cos, sin, None if self.stage.first else hidden)
-        if self.stage.last:
-            losses = self._losses(h, input_ids, labels, cos, sin)
-            return StageOutput(None, losses, losses.balance_loss)
-        balance = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
-        return StageOutput(h, None, torch.stack(balance).sum() if balance else None)
-
-    def _losses(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, cos, sin) -> LossOutput:
-        """Losses from the last block's output h: LM, MTP per depth, and the balance losses of the
-        MoE layers this module holds."""
+    def stage_losses(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        """The last stage's losses from its last block output `h`: LM, MTP per depth, and the
+        balance losses of the MoE layers this module holds. Every stage gets the micro-batch's
+        input_ids (MTP embeds the next tokens)."""
+        cos, sin = self.positions(input_ids.shape[1], h.device)
         lm_loss = self.head_loss(self.norm(h), labels)
 
         mtp_losses = []
@@ -214,9 +191,7 @@ class DeepSeekV3(nn.Module):
             h = module(h, self.embed_tokens(mtp_ids), cos, sin)
             mtp_losses.append(self.head_loss(module.shared_head.norm(h), mtp_targets))
 
-        balance = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
-        balance_loss = torch.stack(balance).sum() if balance else None
-
+        balance_loss = self.balance_loss()
         loss = lm_loss
         if mtp_losses and self.cfg.mtp_loss_weight > 0:
             loss = loss + self.cfg.mtp_loss_weight * torch.stack(mtp_losses).mean()
@@ -224,31 +199,18 @@ class DeepSeekV3(nn.Module):
             loss = loss + balance_loss
         return LossOutput(loss, lm_loss, mtp_losses, balance_loss)
 
-    # ------------------------------------------------------------------ sequence parallelism
+    def balance_loss(self) -> Optional[torch.Tensor]:
+        """The sum of the sequence-wise balance losses of this module's MoE layers in the last
+        forward (None without any)."""
+        balance = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
+        return torch.stack(balance).sum() if balance else None
 
-    def sequence_parallel_parameters(self) -> list[nn.Parameter]:
-        """Parameters whose gradient is a partial sum over the TP group under sequence parallelism.
-
-        Every parameter replicated over the TP group (not a TP shard, not a routed expert): the
-        norms (blocks, final, MTP enorm / hnorm / shared_head.norm, MLA's q_a / kv_a layernorms),
-        MLA's q_a_proj and kv_a_proj_with_mqa, and MTP's eh_proj. They work either on this rank's
-        sequence chunk or (MLA's low-rank path) on the gathered sequence with only this rank's heads
-        behind them. The router weights are left out: the trainer sums them over TP in any case
-        (MoE routes disjoint tokens per TP rank with or without SP). Sum these gradients with
-        parallel.tensor.allreduce_sequence_parallel_grads after backward, before the optimizer.
-        Empty without sequence parallelism (their gradients are then complete on every rank).
-        """
-        if not self.sequence_parallel:
-            return []
-        routers = {id(moe.gate.weight) for moe in self.moe_layers()}
-        params = []
-        for module in self.modules():
-            if isinstance(module, RoutedExperts):
-                continue
-            for name, param in module.named_parameters(recurse=False):
-                if not _is_tp_sharded_weight(module, name) and id(param) not in routers:
-                    params.append(param)
-        return params
+    def release_balance_losses(self) -> None:
+        """Drop the MoE layers' references to the last forward's balance losses once used: they
+        hold the micro-batch's graph, which a split (B/W) backward keeps whole until no one refers
+        to it."""
+        for m in self.moe_layers():
+            m.balance_loss = None
 
     # ------------------------------------------------------------------ MoE bookkeeping
 
@@ -368,17 +330,16 @@ def local_shard(module: nn.Module, param_name: str, full: torch.Tensor) -> torch
 def gather_full(module: nn.Module, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
     """The unsharded tensor of `module.<param_name>` (a collective over its TP or EP group when sharded)."""
     if isinstance(module, RoutedExperts):
-        return gather_along_dim(tensor, 0, module.ep_group)
+        return gather_along_dim(tensor, 0, module.ep)
     if _is_tp_sharded_weight(module, param_name):
         return module.full_weight()
     return tensor.detach()
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: Optional[torch.device] = None,
-                tp_group=None, ep_group=None, sequence_parallel: bool = False,
-                stage: Optional[StageSpec] = None) -> DeepSeekV3:
+                ctx: Optional[ParallelContext] = None, stage: Optional[StageSpec] = None) -> DeepSeekV3:
     """A model (or one pipeline stage of it) with initialised weights: seeded, and the same full
     weights for any layout, since every tensor is drawn from a generator keyed by its name."""
-    model = DeepSeekV3(cfg, tp_group, ep_group, sequence_parallel, stage)
+    model = DeepSeekV3(cfg, ctx, stage)
     model.init_weights(seed)
     return model.to(device) if device is not None else model

@@ -27,16 +27,21 @@ from torch import nn
 
 from megads.config import ModelConfig
 from megads.model.mlp import SwiGLU
+from parallel.context import ParallelContext
 from parallel.expert import make_token_dispatcher
+from parallel.grad_duties import declare_partial_grad
+from parallel.group import Group
 from parallel.tensor import all_reduce_sum_of_shares, gather_batch_across_tp, split_batch_across_tp
-from parallel.tensor import tp_rank as group_rank
-from parallel.tensor import tp_size as group_size
 
 
 class Router(nn.Module):
-    """Token-to-expert affinities and top-k selection. Always computed in FP32."""
+    """Token-to-expert affinities and top-k selection. Always computed in FP32.
 
-    def __init__(self, cfg: ModelConfig):
+    Under tensor parallelism each TP rank routes different tokens (see MoE), so the router weight's
+    gradient is a partial sum over the TP group, which it declares (`parallel.grad_duties`).
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None):
         super().__init__()
         self.num_experts = cfg.n_routed_experts
         self.top_k = cfg.num_experts_per_tok
@@ -47,6 +52,8 @@ class Router(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, cfg.hidden_size))
+        if ctx is not None and ctx.tp.size > 1:
+            declare_partial_grad(self.weight, "tp")
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,27 +81,30 @@ class Router(nn.Module):
         return topk_idx, gates * self.routed_scaling_factor, scores
 
 
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+    """x [N, K] sorted by expert, weight [E, out, K] -> [N, out]: each expert's rows times its weight^T.
+
+    One GEMM per expert that has tokens, never a loop over tokens. The stacked weight is unbound
+    once, so backward writes each expert's gradient slice instead of one zero-filled full-size
+    tensor per expert.
+    """
+    weights = weight.unbind(0)
+    outputs = [F.linear(chunk, weights[expert]) for expert, chunk in enumerate(x.split(tokens_per_expert))
+               if chunk.shape[0]]
+    return torch.cat(outputs) if outputs else x.new_zeros(x.shape[0], weight.shape[1])
+
+
 def grouped_swiglu(tokens: torch.Tensor, gates: torch.Tensor, tokens_per_expert: list[int],
-                   gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """Gate-weighted expert SwiGLU over tokens sorted by expert: one GEMM pair per expert with tokens.
+                   gate_up: torch.Tensor, down: torch.Tensor, linear=grouped_linear) -> torch.Tensor:
+    """Gate-weighted expert SwiGLU over tokens sorted by expert: g * (silu(a) * b) W_down, [a; b] = x W_gate_up.
 
     tokens [N, H] (expert-contiguous), gates [N], gate_up [E, 2I, H], down [E, H, I]. The gating
-    weight scales the expert's hidden activation (g * (silu(a) * b)) W_down = g * FFN(x), on the
-    narrower I-dim tensor. The loop is over experts, never over tokens; the stacked weights are
-    unbound once, so backward writes each expert's gradient slice instead of one zero-filled
-    full-size tensor per expert.
+    weight scales the expert's hidden activation, the narrower I-dim tensor. `linear` is the
+    expert-grouped GEMM (FP8 layers pass their own).
     """
-    gate_up_weights, down_weights = gate_up.unbind(0), down.unbind(0)
-    outputs = []
-    for expert, (chunk, chunk_gates) in enumerate(zip(tokens.split(tokens_per_expert), gates.split(tokens_per_expert))):
-        if chunk.shape[0] == 0:
-            continue
-        gate, up = F.linear(chunk, gate_up_weights[expert]).chunk(2, dim=-1)
-        hidden = F.silu(gate) * up * chunk_gates.unsqueeze(-1).to(up.dtype)
-        outputs.append(F.linear(hidden, down_weights[expert]))
-    if not outputs:
-        return tokens.new_zeros(tokens.shape[0], down.shape[1])
-    return torch.cat(outputs)
+    gate, up = linear(tokens, gate_up, tokens_per_expert).chunk(2, dim=-1)
+    hidden = F.silu(gate) * up * gates.unsqueeze(-1).to(up.dtype)
+    return linear(hidden, down, tokens_per_expert)
 
 
 class RoutedExperts(nn.Module):
@@ -103,12 +113,12 @@ class RoutedExperts(nn.Module):
     Under expert parallelism of size ep, rank r holds experts [r N_r/ep, (r+1) N_r/ep).
     """
 
-    def __init__(self, total_experts: int, hidden_size: int, intermediate_size: int, ep_group=None):
+    def __init__(self, total_experts: int, hidden_size: int, intermediate_size: int, ep: Group | None = None):
         super().__init__()
-        self.ep_group = ep_group
+        self.ep = ep or Group(None, "ep")
         self.total_experts = total_experts
-        self.num_experts = total_experts // group_size(ep_group)
-        self.first_expert = group_rank(ep_group) * self.num_experts
+        self.num_experts = total_experts // self.ep.size
+        self.first_expert = self.ep.rank * self.num_experts
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden_size, intermediate_size))
@@ -116,7 +126,11 @@ class RoutedExperts(nn.Module):
     def forward(self, sorted_tokens: torch.Tensor, sorted_gates: torch.Tensor,
                 tokens_per_expert: torch.Tensor) -> torch.Tensor:
         return grouped_swiglu(sorted_tokens, sorted_gates, tokens_per_expert.tolist(), self.gate_up_proj,
-                              self.down_proj)
+                              self.down_proj, self.expert_linear)
+
+    def expert_linear(self, x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """The expert-grouped GEMM of both projections: the one method an FP8 layer overrides."""
+        return grouped_linear(x, weight, tokens_per_expert)
 
 
 class MoE(nn.Module):
@@ -133,18 +147,17 @@ class MoE(nn.Module):
     loss then needs whole-sequence statistics: see `sequence_balance_loss`.
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, ep_group=None, sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None):
         super().__init__()
+        ctx = ctx or ParallelContext.single()
         self.num_experts = cfg.n_routed_experts
         self.top_k = cfg.num_experts_per_tok
         self.aux_loss_alpha = cfg.aux_loss_alpha
-        self.tp_group = tp_group
-        self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
-        self.gate = Router(cfg)
-        self.dispatcher = make_token_dispatcher(cfg.n_routed_experts, ep_group)
-        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, ep_group)
-        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, tp_group,
-                                      self.sequence_parallel)
+        self.tp, self.sequence_parallel = ctx.tp, ctx.sequence_parallel
+        self.gate = Router(cfg, ctx)
+        self.dispatcher = make_token_dispatcher(cfg.n_routed_experts, ctx.ep)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, ctx.ep)
+        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, ctx)
                                if cfg.n_shared_experts > 0 else None)
         # Tokens routed to each expert since the last router-bias update (summed over micro-batches).
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts), persistent=False)
@@ -154,7 +167,7 @@ class MoE(nn.Module):
         if self.sequence_parallel:
             routed = self.routed(x)  # tokens are already split across TP ranks, by sequence chunk
         else:
-            routed = gather_batch_across_tp(self.routed(split_batch_across_tp(x, self.tp_group)), self.tp_group)
+            routed = gather_batch_across_tp(self.routed(split_batch_across_tp(x, self.tp)), self.tp)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(x)
         return routed
@@ -180,7 +193,7 @@ class MoE(nn.Module):
                 # trainer's report, and the gradient through all_reduce_sum_of_shares) counts it once.
                 self.balance_loss = self.sequence_balance_loss(
                     scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1),
-                    self.tp_group if self.sequence_parallel else None) / group_size(self.tp_group)
+                    self.tp if self.sequence_parallel else None) / self.tp.size
         return out.view(batch, seq, hidden)
 
     def sequence_balance_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor,
@@ -197,10 +210,10 @@ class MoE(nn.Module):
         counts = torch.zeros(batch, num_experts, device=scores.device)
         counts.scatter_add_(1, topk_idx.reshape(batch, -1), torch.ones(batch, seq * self.top_k, device=scores.device))
         normalised = scores / scores.sum(dim=-1, keepdim=True)
-        if group_size(sequence_group) == 1:
+        if sequence_group is None or sequence_group.size == 1:
             p = normalised.mean(dim=1)
         else:
-            seq = seq * group_size(sequence_group)  # whole-sequence length
+            seq = seq * sequence_group.size  # whole-sequence length
             counts = all_reduce_sum_of_shares(counts, sequence_group)  # no gradient (counts are constants)
             p = all_reduce_sum_of_shares(normalised.sum(dim=1), sequence_group) / seq
         f = counts * num_experts / (self.top_k * seq)

@@ -13,8 +13,8 @@ them at call time. Parameter names follow DeepSeek-V3's checkpoint (layer `num_h
 `enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, and the block's own weights. The concatenation
 puts the embedding first, as DeepSeek's released weights (and vLLM/SGLang loading them) expect.
 
-Under sequence parallelism both inputs, the norms, `eh_proj` (replicated, so its gradient is partial
-and summed over TP by the trainer) and the output are on this rank's sequence chunk [B, S/t, hidden].
+Under sequence parallelism both inputs, the norms, `eh_proj` (replicated: its gradient is partial
+over TP, which it declares) and the output are on this rank's sequence chunk [B, S/t, hidden].
 """
 
 import torch
@@ -23,25 +23,27 @@ from torch import nn
 from megads.config import ModelConfig
 from megads.model.block import TransformerBlock
 from megads.model.norm import RMSNorm
+from parallel.context import ParallelContext
+from parallel.tensor import ReplicatedLinear
 
 
 class SharedHeadNorm(nn.Module):
     """Holds the MTP module's own final norm under DeepSeek's name `shared_head.norm`."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
 
 
 class MTPModule(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int, tp_group=None, ep_group=None,
-                 sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, layer_index: int, ctx: ParallelContext | None = None):
         super().__init__()
-        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.block = TransformerBlock(cfg, layer_index, tp_group, ep_group, sequence_parallel)
-        self.shared_head = SharedHeadNorm(cfg)
+        ctx = ctx or ParallelContext.single()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
+        self.eh_proj = ReplicatedLinear(2 * cfg.hidden_size, cfg.hidden_size, ctx)
+        self.block = TransformerBlock(cfg, layer_index, ctx)
+        self.shared_head = SharedHeadNorm(cfg, ctx)
 
     def forward(self, previous_hidden: torch.Tensor, next_token_embedding: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 
 from megads.config import Config, dump_config, load_config
 from megads.shards import CheckpointFormatError, ShardedReader, ShardedWriter, merge_indexes
-from parallel.topology import Topology, barrier
+from parallel.context import ParallelContext
 
 MANIFEST = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -84,7 +84,7 @@ def finalize_directory(tmp: Path, final: Path, step: Optional[int]) -> None:
 
 
 def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model, optimizer, trainer_state: dict,
-                    keep: int = 0, topo: Topology = Topology()) -> Path:
+                    keep: int = 0, ctx: Optional[ParallelContext] = None) -> Path:
     """Write `checkpoints_dir/step_N` (a collective: every rank calls it).
 
     The model is stored unsharded (gathered across tensor/expert-parallel ranks, written by rank 0),
@@ -92,34 +92,35 @@ def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model, optimi
     Under pipeline parallelism each stage's first rank writes the tensors its stages own under its
     own prefix, and rank 0 merges the indexes into one: the directory looks the same either way.
     """
+    ctx = ctx or ParallelContext.single()
     final = checkpoints_dir / f"step_{step}"
     tmp = checkpoints_dir / f".step_{step}.tmp"
-    if topo.rank == 0:
+    if ctx.rank == 0:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "optimizer").mkdir(parents=True)
         (tmp / "config.yaml").write_text(dump_config(cfg))
-    barrier(topo)
+    ctx.barrier()
     state = model.full_state()  # every rank iterates it: gathering shards is a collective
-    prefixes = ["model"] if topo.pp_size == 1 else [f"stage{r:03d}" for r in range(topo.pp_size)]
-    if topo.tp_rank == 0 and topo.dp_rank == 0:
-        write_model_weights(tmp, state, prefix=prefixes[topo.pp_rank])
+    prefixes = ["model"] if ctx.pp.size == 1 else [f"stage{r:03d}" for r in range(ctx.pp.size)]
+    if ctx.tp.rank == 0 and ctx.dp.rank == 0:
+        write_model_weights(tmp, state, prefix=prefixes[ctx.pp.rank])
     else:
         for _ in state:
             pass
-    torch.save(optimizer.state_dict(), tmp / "optimizer" / f"rank_{topo.rank:05d}.pt")
-    if topo.rank == 0:
-        torch.save({"step": step, "world_size": topo.world_size, **trainer_state}, tmp / "trainer_state.pt")
-    barrier(topo)
-    if topo.rank == 0:
-        if topo.pp_size > 1:
+    torch.save(optimizer.state_dict(), tmp / "optimizer" / f"rank_{ctx.rank:05d}.pt")
+    if ctx.rank == 0:
+        torch.save({"step": step, "world_size": ctx.world_size, **trainer_state}, tmp / "trainer_state.pt")
+    ctx.barrier()
+    if ctx.rank == 0:
+        if ctx.pp.size > 1:
             merge_indexes(tmp / "model", prefixes, "model")
         finalize_directory(tmp, final, step)
         if keep > 0:
             for old in list_checkpoints(checkpoints_dir)[:-keep]:
                 shutil.rmtree(old)
-    barrier(topo)
+    ctx.barrier()
     return final
 
 
@@ -173,16 +174,17 @@ def load_model_weights(ckpt: Path, model) -> None:
         raise CheckpointFormatError(f"Checkpoint {ckpt}: {err}") from None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, topo: Topology = Topology()) -> dict:
+def load_checkpoint(ckpt: Path, model, optimizer, ctx: Optional[ParallelContext] = None) -> dict:
     """Restore model (and this rank's optimizer shard); returns the trainer state saved with it."""
+    ctx = ctx or ParallelContext.single()
     verify_manifest(ckpt)
     load_model_weights(ckpt, model)
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     if optimizer is not None:
         saved_world = int(state.get("world_size", 1))
-        if saved_world != topo.world_size:
+        if saved_world != ctx.world_size:
             raise CheckpointFormatError(
-                f"Checkpoint {ckpt} holds optimizer shards of {saved_world} ranks; this run has {topo.world_size}. "
+                f"Checkpoint {ckpt} holds optimizer shards of {saved_world} ranks; this run has {ctx.world_size}. "
                 f"Resume with the same layout (the model weights alone load into any layout).")
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer" / f"rank_{topo.rank:05d}.pt", weights_only=True))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer" / f"rank_{ctx.rank:05d}.pt", weights_only=True))
     return state

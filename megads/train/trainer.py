@@ -21,19 +21,15 @@ from typing import Optional
 
 import torch
 
-from megads.config import Config, ConfigError, dump_config
+from megads.config import Config, ConfigError, dump_config, validate
 from megads.data import GlobalBatchSampler, PackedWindows, build_or_load_corpus, micro_batches
-from megads.model.model import DeepSeekV3, build_model
-from megads.train.checkpoint import list_checkpoints, load_checkpoint, read_checkpoint_config, save_checkpoint
-from megads.train.metrics import MetricsLogger, ProgressPrinter
-from megads.train.optimizer import build_optimizer
-from megads.train.pipeline import PipelineStages
-from megads.train.schedule import learning_rate
-from megads.fp8 import Fp8Config
 from megads.fp8.convert import convert_to_fp8, fp8_stats
-from parallel.data import allreduce_gradients
-from parallel.tensor import allreduce_sequence_parallel_grads
-from parallel.topology import Topology, barrier, destroy_distributed, init_distributed, sum_over
+from megads.train.checkpoint import list_checkpoints, load_checkpoint, read_checkpoint_config, save_checkpoint
+from megads.train.lr_schedule import learning_rate
+from megads.train.metrics import MetricsLogger, ProgressPrinter
+from megads.train.model_stages import ModelStages
+from megads.train.optimizer import build_optimizer
+from parallel.context import ParallelContext, destroy_distributed, world_size_from_environment
 
 
 @dataclass
@@ -49,15 +45,6 @@ def _autocast(cfg: Config, device: torch.device):
     return nullcontext()
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _stage_models(model) -> list[torch.nn.Module]:
-    """The DeepSeekV3 modules of this rank: the model, or its pipeline stages."""
-    return list(model.models.values()) if isinstance(model, PipelineStages) else [model]
-
-
 def _check_resume_compatible(cfg: Config, ckpt: Path) -> None:
     saved = read_checkpoint_config(ckpt)
     if saved.model != cfg.model:
@@ -66,24 +53,21 @@ def _check_resume_compatible(cfg: Config, ckpt: Path) -> None:
                           f"differ); use a new train.output_dir or the same model settings.")
 
 
-def evaluate(model: DeepSeekV3 | PipelineStages, windows: PackedWindows, cfg: Config) -> float:
+def evaluate(model: ModelStages, windows: PackedWindows, cfg: Config) -> float:
     """Mean LM loss over the first `eval_batches` micro-batches of the held-out windows (a
-    collective under model parallelism: every rank evaluates the same batches)."""
+    collective under model parallelism: every rank evaluates the same batches). A last, partial
+    micro-batch is left out (a pipeline's buffers are sized for full micro-batches)."""
+    mbs = cfg.train.micro_batch_size
+    count = min(len(windows) // mbs, cfg.train.eval_batches)
+    batches = []
+    for start in range(0, count * mbs, mbs):
+        batch = torch.stack([windows[i] for i in range(start, start + mbs)])
+        batches.append((batch[:, :-1], batch[:, 1:]))
     model.eval()
-    losses = []
-    device = _device_of(model)
-    with torch.no_grad(), _autocast(cfg, device):
-        mbs = cfg.train.micro_batch_size
-        for start in range(0, min(len(windows), cfg.train.eval_batches * mbs), mbs):
-            if len(windows) - start < mbs:   # a pipeline's buffers are sized for full micro-batches
-                break
-            batch = torch.stack([windows[i] for i in range(start, start + mbs)]).to(device)
-            if isinstance(model, PipelineStages):
-                losses.append(model.eval_loss(batch[:, :-1], batch[:, 1:]))
-            else:
-                losses.append(model.compute_loss(batch[:, :-1], batch[:, 1:]).lm_loss.item())
+    with _autocast(cfg, model.ctx.device):
+        loss = model.evaluate_loss(batches)
     model.train()
-    return sum(losses) / max(len(losses), 1)
+    return loss
 
 
 class _StopRequested(Exception):
@@ -96,30 +80,38 @@ def train(cfg: Config, log=print) -> TrainResult:
     The process group is started here if torchrun launched us and none exists, and then also
     destroyed at the end; a caller's own process group is left to the caller."""
     started_here = not torch.distributed.is_initialized()
-    topo = init_distributed(cfg.parallel, cfg.model, cfg.train)
+    ctx = parallel_context(cfg)
     try:
-        return _train(cfg, topo, log if topo.rank == 0 else (lambda *_: None))
+        return _train(cfg, ctx, log if ctx.rank == 0 else (lambda *_: None))
     finally:
-        if topo.is_distributed and started_here:
+        if ctx.is_distributed and started_here:
             destroy_distributed()
 
 
-def _train(cfg: Config, topo: Topology, log) -> TrainResult:
+def parallel_context(cfg: Config) -> ParallelContext:
+    """Validate the layout against the launcher's world size (before any process group exists), then
+    start torch.distributed if needed and build the groups."""
+    validate(cfg, world_size=world_size_from_environment())
+    p = cfg.parallel
+    return ParallelContext.create(p.tensor_parallel, p.pipeline_parallel, p.expert_parallel, p.sequence_parallel)
+
+
+def _train(cfg: Config, ctx: ParallelContext, log) -> TrainResult:
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     out = Path(t.output_dir)
-    if topo.rank == 0:
+    if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
 
     cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path.home() / ".cache" / "megads"
     # Rank 0 builds the tokenizer and token cache; the others then find it ready.
     for turn in ("build", "load"):
-        if (turn == "build") == (topo.rank == 0):
+        if (turn == "build") == (ctx.rank == 0):
             tokenizer, corpus = build_or_load_corpus(cfg.data.source, cfg.model.vocab_size, cfg.data.tokenizer,
                                                      cfg.data.max_bytes, cache_dir, log=log)
-        barrier(topo)
+        ctx.barrier()
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                           f"vocabulary ({tokenizer.vocab_size}).")
@@ -127,23 +119,19 @@ def _train(cfg: Config, topo: Topology, log) -> TrainResult:
     sampler = GlobalBatchSampler(len(train_windows), t.global_batch_size, t.seed)
 
     torch.manual_seed(t.seed)
-    if topo.pp_size > 1:
-        model = PipelineStages(cfg, topo)
-    else:
-        model = build_model(cfg.model, seed=t.seed, device=topo.device, tp_group=topo.tp_group,
-                            ep_group=topo.ep_group, sequence_parallel=topo.sequence_parallel)
+    model = ModelStages(cfg, ctx)
     if cfg.fp8.enabled:
-        for stage_model in _stage_models(model):
-            convert_to_fp8(stage_model, fp8_config(cfg), log=log)
+        for stage_model in model.models.values():
+            convert_to_fp8(stage_model, cfg.fp8, log=log)
     model.train()
-    optimizer = build_optimizer(model, t, topo, duplicated_elsewhere=getattr(model, "duplicated_elsewhere", None))
-    sp = " (SP)" if topo.sequence_parallel else ""
+    optimizer = build_optimizer(model, t, ctx)
+    sp = " (SP)" if ctx.sequence_parallel else ""
     pp = ""
-    if topo.pp_size > 1:
-        pp = (f"PP {topo.pp_size} ({cfg.parallel.schedule}, stages {model.stage_ids} on pipeline rank 0, "
+    if ctx.pp.size > 1:
+        pp = (f"PP {ctx.pp.size} ({cfg.parallel.schedule}, stages {model.stage_ids} on pipeline rank 0, "
               f"{model.num_microbatches} micro-batches) x ")
-    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on this rank; layout: {topo.world_size} ranks = "
-        f"{pp}TP {topo.tp_size}{sp} x DP {topo.dp_size} (EP {topo.ep_size}); data: {len(train_windows):,} "
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on this rank; layout: {ctx.world_size} ranks = "
+        f"{pp}TP {ctx.tp.size}{sp} x DP {ctx.dp.size} (EP {ctx.ep.size}); data: {len(train_windows):,} "
         f"training windows of {t.seq_length} tokens")
 
     start_step = 0
@@ -151,7 +139,7 @@ def _train(cfg: Config, topo: Topology, log) -> TrainResult:
     existing = list_checkpoints(checkpoints_dir)
     if existing:
         _check_resume_compatible(cfg, existing[-1])
-        state = load_checkpoint(existing[-1], model, optimizer, topo)
+        state = load_checkpoint(existing[-1], model, optimizer, ctx)
         start_step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         log(f"resumed from {existing[-1]} (step {start_step})")
@@ -159,13 +147,13 @@ def _train(cfg: Config, topo: Topology, log) -> TrainResult:
         log(f"nothing to do: the latest checkpoint is at step {start_step} >= train.max_steps ({t.max_steps})")
         return TrainResult(out, start_step, None)
 
-    metrics = MetricsLogger(out, start_step, log=log) if topo.rank == 0 else None
+    metrics = MetricsLogger(out, start_step, log=log) if ctx.rank == 0 else None
     progress = ProgressPrinter(t.max_steps, t.log_every, log=log)
     step, last_loss = start_step, None
 
     def save(at_step: int) -> None:
         save_checkpoint(checkpoints_dir, at_step, cfg, model, optimizer, {"torch_rng": torch.get_rng_state()},
-                        keep=t.keep_checkpoints, topo=topo)
+                        keep=t.keep_checkpoints, ctx=ctx)
 
     def on_signal(signum, frame):
         raise _StopRequested()
@@ -173,8 +161,8 @@ def _train(cfg: Config, topo: Topology, log) -> TrainResult:
     previous_handler = signal.signal(signal.SIGTERM, on_signal)
     try:
         while step < t.max_steps:
-            batches = micro_batches(train_windows, sampler, step, topo.dp_rank, topo.dp_size, t.micro_batch_size)
-            record = train_step(model, optimizer, cfg, step, batches, topo)
+            batches = micro_batches(train_windows, sampler, step, ctx.dp.rank, ctx.dp.size, t.micro_batch_size)
+            record = train_step(model, optimizer, cfg, step, batches)
             step += 1
             if t.eval_every and step % t.eval_every == 0:
                 record["valid_loss"] = evaluate(model, valid_windows, cfg)
@@ -186,7 +174,7 @@ def _train(cfg: Config, topo: Topology, log) -> TrainResult:
                 save(step)
     except (KeyboardInterrupt, _StopRequested):
         log(f"interrupted: saving a checkpoint at step {step} before exiting")
-        if step > start_step and not topo.is_distributed:  # other ranks may not reach a collective save
+        if step > start_step and not ctx.is_distributed:  # other ranks may not reach a collective save
             save(step)
         raise
     finally:
@@ -197,68 +185,33 @@ def _train(cfg: Config, topo: Topology, log) -> TrainResult:
     return TrainResult(out, step, last_loss)
 
 
-def fp8_config(cfg: Config) -> Fp8Config:
-    f = cfg.fp8
-    return Fp8Config(backend=f.backend, accumulation=f.accumulation, promote_every=f.promote_every,
-                     pow2_scales=f.pow2_scales, cache_activations=f.cache_activations, dispatch=f.dispatch)
-
-
-def router_parameters(model: DeepSeekV3) -> list[torch.nn.Parameter]:
-    return [moe.gate.weight for moe in model.moe_layers()]
-
-
-def train_step(model: DeepSeekV3, optimizer, cfg: Config, step: int,
-               batches: list[tuple[torch.Tensor, torch.Tensor]], topo: Topology = Topology()) -> dict:
+def train_step(model: ModelStages, optimizer, cfg: Config, step: int,
+               batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """One optimizer step over this rank's micro-batches (a collective under parallelism).
 
     Returns the step's metrics record, averaged over data-parallel ranks.
     """
-    t = cfg.train
+    t, ctx = cfg.train, model.ctx
     started = time.perf_counter()
     lr = learning_rate(step, t)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
 
-    n = len(batches)
-    sums: dict[str, float] = {}
     tokens = sum(input_ids.numel() for input_ids, _ in batches)
-    device = _device_of(model)
-    pipelined = isinstance(model, PipelineStages)
-    if pipelined:
-        with _autocast(cfg, device):
-            sums = model.run(batches)
-    else:
-        for input_ids, labels in batches:
-            input_ids, labels = input_ids.to(device), labels.to(device)
-            with _autocast(cfg, device):
-                out = model.compute_loss(input_ids, labels)
-            (out.loss / n).backward()
-            for key, value in [("loss", out.lm_loss), ("balance_loss", out.balance_loss),
-                               *[(f"mtp_loss_depth_{k}", v) for k, v in enumerate(out.mtp_losses, start=1)]]:
-                if value is not None:
-                    sums[key] = sums.get(key, 0.0) + value.item() / n
+    with _autocast(cfg, ctx.device):
+        sums = model.run(batches)
     fp8 = fp8_stats(model, reset=True) if cfg.fp8.enabled else None
     if fp8 is not None:
         # Any inf/NaN met while quantizing makes the step non-finite: it is skipped and reported.
         sums["fp8_nonfinite"] = float(fp8["nonfinite"])
-    if pipelined:
-        # Each pipeline rank computed the losses of its stages: sum them over the pipeline, and
-        # add DualPipe's and the tied embedding's gradient copies.
-        sums = model.reduce_metrics(sums, extra_keys=("fp8_nonfinite",) if fp8 is not None else ())
-        model.finish_gradients()
+    model.finish_gradients()
     depths = [v for k, v in sorted(sums.items()) if k.startswith("mtp_loss_depth_")]
     if depths:
         sums["mtp_loss"] = sum(depths) / len(depths)
-    sums = _average_metrics(sums, topo)
+    sums = _average_metrics(sums, ctx)
     fp8_nonfinite = sums.pop("fp8_nonfinite", 0.0)
 
-    # Each tensor-parallel rank routed different sequences: sum the router's partial gradients.
-    if topo.tp_size > 1:
-        allreduce_gradients(router_parameters(model), topo.tp_group, grad_divisor=1)
-    # Under sequence parallelism, TP-replicated parameters (norms, MLA's low-rank projections, MTP's
-    # eh_proj) saw only this rank's sequence chunk (or heads): sum their partial gradients too.
-    allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), topo.tp_group)
     # identical on all ranks (averaged)
     skipped = not all(math.isfinite(v) for v in sums.values()) or fp8_nonfinite > 0
     grad_norm = math.nan
@@ -270,12 +223,11 @@ def train_step(model: DeepSeekV3, optimizer, cfg: Config, step: int,
             moe.tokens_per_expert.zero_()
         imbalance = {}
     else:
-        imbalance = model.update_router_biases(cfg.model.bias_update_speed,
-                                               reduce_loads=lambda loads: sum_over(loads, topo.stage_group))
+        imbalance = model.update_router_biases(cfg.model.bias_update_speed, reduce_loads=ctx.stage.sum)
     elapsed = time.perf_counter() - started
 
     record = {"step": step + 1, "loss": sums.get("loss"), "mtp_loss": sums.get("mtp_loss"), "lr": lr,
-              "grad_norm": grad_norm, "tokens_per_s": tokens * topo.dp_size / elapsed, "step_time_s": elapsed,
+              "grad_norm": grad_norm, "tokens_per_s": tokens * ctx.dp.size / elapsed, "step_time_s": elapsed,
               "skipped": skipped}
     for key in sorted(sums):
         if key.startswith("mtp_loss_depth_") or key == "balance_loss":
@@ -288,16 +240,17 @@ def train_step(model: DeepSeekV3, optimizer, cfg: Config, step: int,
     return record
 
 
-def _average_metrics(sums: dict[str, float], topo: Topology) -> dict[str, float]:
+def _average_metrics(sums: dict[str, float], ctx: ParallelContext) -> dict[str, float]:
     """Mean over data-parallel ranks. The balance loss is first summed over TP ranks (each holds 1/t
-    of it), and so is the FP8 non-finite count: one TP rank's inf/NaN must skip the step on all."""
-    if not topo.is_distributed or not sums:
+    of it), and the FP8 non-finite count over the model-parallel ranks (TP x PP): one rank's inf/NaN
+    must skip the step on all."""
+    if not ctx.is_distributed or not sums:
         return sums
     keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=topo.device)
-    for key in ("balance_loss", "fp8_nonfinite"):
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=ctx.device)
+    for key, group in (("balance_loss", ctx.tp), ("fp8_nonfinite", ctx.model)):
         if key in sums:
             i = keys.index(key)
-            values[i] = sum_over(values[i:i + 1], topo.tp_group)[0]
-    values = sum_over(values, topo.dp_group) / topo.dp_size
+            values[i] = group.sum(values[i:i + 1])[0]
+    values = ctx.dp.sum(values) / ctx.dp.size
     return dict(zip(keys, values.cpu().tolist()))

@@ -10,31 +10,34 @@ an executor follows. `build_schedule` makes the lists for every ``parallel.sched
     for op in sched.ops[rank]: ...                       # what an executor does
     simulate(sched, Costs(F=1, B=1, W=1)).bubble         # idle time per rank
 
-`PipelineExecutor` (``executor.py``) runs any of them on real modules with torch.distributed;
-it and its helpers are imported lazily, so that the schedules and the simulator stay torch-free.
+`PipelineExecutor` (``executor.py``) runs any of them on real modules with torch.distributed (its
+B/W split of the backward in ``weight_grad_split.py``), and ``stage_copies.py`` adds the gradients
+of DualPipe's two copies of a stage; these need torch and are imported lazily, so that the
+schedules and the simulator stay torch-free.
 """
 
 from .dualpipe import dualpipe, dualpipev
 from .ops import Kind, Op, RankBuilder, Schedule, message
-from .schedules import SCHEDULES, build_schedule, interleaved_1f1b, one_f_one_b, zb_h1
+from .schedules import SCHEDULES, build_schedule, forward_only, interleaved_1f1b, one_f_one_b, zb_h1
 from .simulator import (Costs, ScheduleError, SimResult, check_dependencies, check_schedule, find_deadlock,
                         live_activations, simulate)
 
 __all__ = [
-    "Kind", "Op", "RankBuilder", "Schedule", "message", "SCHEDULES", "build_schedule", "one_f_one_b",
+    "Kind", "Op", "RankBuilder", "Schedule", "message", "SCHEDULES", "build_schedule", "forward_only", "one_f_one_b",
     "interleaved_1f1b",
     "zb_h1", "dualpipe", "dualpipev", "Costs", "ScheduleError", "SimResult", "simulate", "check_schedule",
     "check_dependencies", "find_deadlock", "live_activations",
-    "PipelineExecutor", "OpTiming", "make_stage_modules", "sum_duplicate_stage_grads", "pipeline_mean_loss",
+    "PipelineExecutor", "OpTiming", "sum_duplicate_stage_grads", "add_peer_tensors",
 ]
 
-_EXECUTOR_NAMES = ("PipelineExecutor", "OpTiming", "make_stage_modules", "sum_duplicate_stage_grads",
-                   "pipeline_mean_loss")
+# name -> the submodule that defines it (imported on first access)
+_LAZY = {"PipelineExecutor": "executor", "OpTiming": "executor",
+         "sum_duplicate_stage_grads": "stage_copies", "add_peer_tensors": "stage_copies"}
 
 
 def __getattr__(name):
-    # The executor needs torch; importing it only when asked keeps `parallel.pipeline` torch-free.
-    if name in _EXECUTOR_NAMES:
-        from . import executor
-        return getattr(executor, name)
+    # These need torch; importing them only when asked keeps `parallel.pipeline` torch-free.
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,10 +6,11 @@ rank's list and does what each op says, following the execution contract in ``op
 code specific to any schedule.
 
     from parallel.pipeline import build_schedule
-    from parallel.pipeline.executor import PipelineExecutor, make_stage_modules
+    from parallel.pipeline.executor import PipelineExecutor
+    from parallel.pipeline.stage_copies import sum_duplicate_stage_grads
 
     sched = build_schedule("dualpipev", num_ranks=pp, num_microbatches=8)
-    chunks = make_stage_modules(sched, rank, build_stage)    # {chunk: module of stage_of(rank, chunk)}
+    chunks = {c: build_stage(sched.stage_of(rank, c)) for c in range(sched.chunks_per_rank)}
     ex = PipelineExecutor(sched, rank, chunks, loss_fn, pp_group, device,
                           activation_meta=((mb_size, seq, hidden), torch.bfloat16))
     losses = ex.run(microbatch_inputs, microbatch_targets)   # per-micro-batch losses or None
@@ -56,37 +57,11 @@ Ops
 * When consecutive stages of a micro-batch are on this rank (DualPipeV's turn on the last rank),
   the output is handed over locally (``detach().requires_grad_()``), and so is the gradient.
 
-B/W split: how, and what it costs
----------------------------------
-``weight_grad="split"`` (default) splits the backward at the graph level, without knowledge of
-the layers (the method of torch.distributed.pipelining's ``stage_backward_input/_weight``, with
-the weight pass done per cut edge so nothing is computed twice):
-
-* In B the executor walks the stage's autograd graph, finds the *input closure* (nodes whose
-  backward leads to the stage input) and the *cut*: edges from a node of the input closure to
-  a node that only leads to parameters (e.g. ``AddmmBackward -> TBackward -> AccumulateGrad``).
-  It hooks the nodes on the input side of the cut (the "intermediates": matmuls, norms, ...),
-  runs ``torch.autograd.grad(output, stage_input, retain_graph=True)``, and stores the gradient
-  each intermediate received. The engine prunes the weight branches, so B does no weight work.
-* W runs each intermediate's backward once more for its parameter-side edges only (one
-  ``autograd.grad`` per intermediate, so a gradient never flows from one intermediate into
-  another and nothing is counted twice, tied weights included), then one
-  ``torch.autograd.backward`` from all cut edges through the parameter-only subgraph (casts,
-  transposes) into the AccumulateGrad nodes.
-* Compute: B costs the input-gradient work only and W the weight-gradient work only (plus a
-  Python graph walk per B, linear in the number of autograd nodes, and one engine call per
-  weight-bearing node in W). A custom ``autograd.Function`` computes whatever its backward
-  computes: one that always returns its weight gradient (e.g. a hand-written FP8 linear that
-  ignores ``ctx.needs_input_grad``) does that work in B too, and again in W.
-* Memory between B and W: B drops the output edge, the stage input and the received output
-  gradient, so the part of the graph between the output and the last intermediate (e.g. the
-  final activation function's saved tensors) is freed after B. What stays until W: every node
-  reachable from the intermediates -- in practice the saved inputs of the weight-bearing ops
-  (what the weight gradient needs: DeepSeek's ``WeightGradStore`` keeps the same) but also the
-  saved tensors of input-side nodes below them that the engine cannot release individually --
-  plus one stored gradient per intermediate output (the size of that op's output activation).
-  So a micro-batch whose W is deferred holds close to its full forward activations plus its
-  stored gradients until W; the simulator's ``live_activations`` counts it as live until W.
+B/W split
+---------
+``weight_grad="split"`` (default) splits the backward at the graph level, without knowledge of the
+layers: B computes the input gradient only and W the weight gradients only (``weight_grad_split.py``:
+how, and what it costs in compute and in memory kept between B and W).
 
 ``weight_grad="recompute"`` is the simple alternative: B is ``autograd.grad(output, input,
 retain_graph=True)``, W is ``autograd.backward(output, grad, inputs=params)``. W then repeats the
@@ -109,16 +84,13 @@ launch F's dispatch, compute B's chunk, wait F's dispatch, launch B's combine, c
 experts, ... Both closures already do their own bookkeeping (stored activations, hand-overs,
 queued sends), so only the interleaving of their kernels changes.
 `parallel.pipeline.overlap.make_overlap_runner(topo)` is such a runner: the two halves run in two
-threads, and the backward half's TP/EP collectives go on twin process groups (`parallel/lanes.py`).
+threads, and the backward half's TP/EP collectives go on twin process groups (`parallel/twin_groups.py`).
 
 DualPipe's duplicate stages
 ---------------------------
-With ``dualpipe`` every stage s lives on two ranks (chunk 0 of rank s, used by the first half of
-the micro-batches, and chunk 1 of rank R-1-s, used by the second half). The executor accumulates
-each copy's gradients separately and does **not** sum them: the caller must, before the optimizer
-step (and the copies must start from identical parameters). `sum_duplicate_stage_grads` does it
-with one batched exchange between ranks r and R-1-r (a no-op for the other schedules); it is
-linear, so it may run before or after the data-parallel reduction.
+With ``dualpipe`` every stage lives on two ranks; the executor accumulates each copy's gradients
+separately and does **not** sum them: the caller must, before the optimizer step
+(`stage_copies.sum_duplicate_stage_grads`, ``stage_copies.py``).
 
 Timing
 ------
@@ -133,19 +105,21 @@ that the ranks' clocks start together.
 from __future__ import annotations
 
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import get_gradient_edge
+
+from parallel.group import Group
 
 from .ops import Kind, Op, Schedule
+from .weight_grad_split import _DeferredWeightGrad, _split_input_backward
 
-__all__ = ["PipelineExecutor", "OpTiming", "make_stage_modules", "sum_duplicate_stage_grads", "add_peer_tensors",
-           "pipeline_mean_loss", "WEIGHT_GRAD_MODES"]
+__all__ = ["PipelineExecutor", "OpTiming", "WEIGHT_GRAD_MODES"]
 
 WEIGHT_GRAD_MODES = ("split", "recompute")
 
@@ -166,124 +140,6 @@ class OpTiming:
     @property
     def duration(self) -> float:
         return self.end - self.start
-
-
-# ----------------------------------------------------------------------------- autograd helpers
-
-def _grad_node(t: torch.Tensor):
-    """The autograd node a gradient w.r.t. ``t`` flows into (its grad_fn, or its AccumulateGrad)."""
-    if not t.requires_grad:
-        return None
-    return get_gradient_edge(t).node
-
-
-class _DeferredWeightGrad:
-    """The weight-gradient half of a split backward: what W runs (see the module docstring)."""
-
-    def __init__(self, intermediates: List[Tuple[Any, Tuple[Optional[torch.Tensor], ...], List[int]]],
-                 whole: Optional[Tuple[Any, Optional[torch.Tensor]]] = None,
-                 params: Optional[List[torch.Tensor]] = None):
-        # (node, the gradients it received in B, positions of its cut edges in node.next_functions)
-        self.intermediates = intermediates
-        self.whole = whole                        # (root, grad): run the whole backward in W
-        self.params = params                      # whole backward: restrict to these leaves
-
-    def run(self) -> None:
-        if self.whole is not None:
-            root, grad = self.whole
-            self.whole = None
-            torch.autograd.backward([root], None if grad is None else [grad], inputs=self.params)
-            return
-        edge_grads: Dict[Tuple[int, int], torch.Tensor] = {}
-        edge_nodes: Dict[Tuple[int, int], Tuple[Any, int]] = {}
-        items, self.intermediates = self.intermediates, []
-        for node, grads, cut in items:
-            outs = [GradientEdge(node, k) for k, g in enumerate(grads) if g is not None]
-            if not outs or not cut:
-                continue
-            # Re-run this intermediate for its weight-side outputs only: the engine computes an
-            # output when its edge leads to a requested input, so requesting the cut edges' targets
-            # skips the input side (B did it). A post-hook reads the per-edge gradients: a target
-            # shared with another intermediate (tied weights, one cast used twice) also collects
-            # what flows in through the other, so its capture is not the per-edge value. (In that
-            # case the engine also re-walks the input side between the two uses: wasted, correct.)
-            targets = list(dict.fromkeys(node.next_functions[i] for i in cut))
-            out: List[Tuple[Optional[torch.Tensor], ...]] = []
-            handle = node.register_hook(lambda grad_inputs, grad_outputs: out.append(tuple(grad_inputs)))
-            try:
-                torch.autograd.grad(outs, [GradientEdge(n, nr) for n, nr in targets],
-                                    [g for g in grads if g is not None], retain_graph=True, allow_unused=True)
-            finally:
-                handle.remove()
-            if len(out) != 1:
-                raise RuntimeError(f"weight gradient: {node.name()} ran {len(out)} times, expected once")
-            for i in cut:
-                g = out[0][i]
-                if g is None:
-                    continue
-                n, nr = node.next_functions[i]
-                key = (id(n), nr)
-                if key in edge_grads:
-                    edge_grads[key] = edge_grads[key] + g
-                else:
-                    edge_grads[key] = g
-                    edge_nodes[key] = (n, nr)
-        del items
-        if edge_grads:
-            # The cut edges separate the graph: what crosses them, pushed through the
-            # parameter-only subgraph (casts, transposes) into AccumulateGrad, is the weight gradient.
-            keys = list(edge_grads)
-            torch.autograd.backward([GradientEdge(*edge_nodes[k]) for k in keys], [edge_grads[k] for k in keys])
-
-
-def _split_input_backward(root, grad: Optional[torch.Tensor], x: torch.Tensor
-                          ) -> Tuple[Optional[torch.Tensor], _DeferredWeightGrad]:
-    """B of the split backward: d(root)/dx now, the weight gradient deferred (module docstring)."""
-    root_node = root.node if isinstance(root, GradientEdge) else _grad_node(root)
-    x_node = _grad_node(x)
-    # Walk the graph once: every node reachable from the root, and who consumes whom.
-    consumers: Dict[Any, List[Any]] = defaultdict(list)
-    seen = {root_node}
-    queue = deque([root_node])
-    while queue:
-        node = queue.popleft()
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            consumers[nxt].append(node)
-            if nxt not in seen:
-                seen.add(nxt)
-                queue.append(nxt)
-    if x_node not in seen:                    # the output does not depend on the input
-        return None, _DeferredWeightGrad([], whole=(root, grad))
-    closure = {x_node}                        # nodes whose backward reaches the input
-    queue = deque([x_node])
-    while queue:
-        for user in consumers[queue.popleft()]:
-            if user not in closure:
-                closure.add(user)
-                queue.append(user)
-    cut: Dict[Any, List[int]] = {}            # intermediate -> positions of its weight-side edges
-    for node in closure:
-        positions = [i for i, (nxt, _) in enumerate(node.next_functions) if nxt is not None and nxt not in closure]
-        if positions:
-            cut[node] = positions
-    del consumers, seen, closure
-
-    captured: Dict[Any, Tuple[Optional[torch.Tensor], ...]] = {}
-    handles = []
-    for node in cut:
-        def hook(grad_outputs, node=node):
-            captured[node] = tuple(grad_outputs)
-        handles.append(node.register_prehook(hook))
-    try:
-        (gx,) = torch.autograd.grad([root], [x], None if grad is None else [grad], retain_graph=True,
-                                    allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    return gx, _DeferredWeightGrad([(node, captured[node], positions) for node, positions in cut.items()
-                                    if node in captured])
 
 
 # ----------------------------------------------------------------------------- per-(mb, stage) state
@@ -313,10 +169,12 @@ class PipelineExecutor:
         schedule: any `Schedule` (build_schedule).
         rank: this rank's index in the pipeline (its rank in ``pp_group``).
         stage_modules: ``{chunk: module}`` for ``chunk in range(schedule.chunks_per_rank)``; chunk c
-            must be the model slice ``schedule.stage_of(rank, c)`` (`make_stage_modules`).
+            must be the model slice ``schedule.stage_of(rank, c)``.
         loss_fn: ``loss_fn(output, target) -> scalar`` on the last stage; the executor divides it
-            by the number of micro-batches before the backward.
-        pp_group: the pipeline process group (None: the default group). Not used if it has one rank.
+            by the number of micro-batches before the backward. In a forward-only schedule
+            (`schedules.forward_only`) it may return anything: ``run`` returns its values.
+        group: the pipeline `parallel.group.Group` (None: the default group, or size 1 without
+            torch.distributed).
         device: where inputs, targets and receive buffers go.
         activation_meta: shape and dtype of the tensor crossing every stage boundary (which is
             also the shape of its gradient): ``(shape, dtype)``, a bare shape (default dtype), or a
@@ -328,11 +186,14 @@ class PipelineExecutor:
             forward then backward. The place for an overlapped F&B implementation.
         synchronize_timing: synchronize the device around every op (accurate GPU op times, no
             overlap).
-        sync_start: barrier on ``pp_group`` at the start of ``run`` (aligned clocks for bubbles).
+        sync_start: barrier on ``group`` at the start of ``run`` (aligned clocks for bubbles).
+
+    A forward-only schedule runs its F ops without building autograd graphs (evaluation,
+    generation): nothing is kept for a backward.
     """
 
     def __init__(self, schedule: Schedule, rank: int, stage_modules: Mapping[int, nn.Module],
-                 loss_fn: Callable[[Any, Any], torch.Tensor], pp_group=None,
+                 loss_fn: Callable[[Any, Any], Any], group: Optional[Group] = None,
                  device: Union[str, torch.device, None] = None, *,
                  activation_meta: Optional[ActivationMeta] = None, weight_grad: str = "split",
                  fb_runner: Optional[Callable[[Callable[[], None], Callable[[], None]], None]] = None,
@@ -349,7 +210,7 @@ class PipelineExecutor:
         self.ops = schedule.ops[rank]
         self.modules = dict(stage_modules)
         self.loss_fn = loss_fn
-        self.group = pp_group
+        self.group = group = group if group is not None else Group.world("pp")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.weight_grad = weight_grad
         self.fb_runner = fb_runner
@@ -363,11 +224,9 @@ class PipelineExecutor:
                                  "and receive buffers need their shape and dtype.")
             if not dist.is_available() or not dist.is_initialized():
                 raise RuntimeError("torch.distributed must be initialised to run a multi-rank schedule.")
-        if (has_comm or pp_group is not None) and dist.is_available() and dist.is_initialized():
-            size, me = dist.get_world_size(pp_group), dist.get_rank(pp_group)
-            if size != schedule.num_ranks or me != rank:
-                raise ValueError(f"pp_group has {size} ranks and this process is rank {me} in it; the schedule "
-                                 f"has {schedule.num_ranks} ranks and the executor was given rank {rank}.")
+        if (group.size, group.rank) != (schedule.num_ranks, rank):
+            raise ValueError(f"the pipeline group has {group.size} ranks and this process is rank {group.rank} in it; "
+                             f"the schedule has {schedule.num_ranks} ranks and the executor was given rank {rank}.")
         self._params = {c: [p for p in m.parameters() if p.requires_grad] for c, m in self.modules.items()}
         self.timeline: List[OpTiming] = []
         self.comm_timeline: List[OpTiming] = []
@@ -376,20 +235,24 @@ class PipelineExecutor:
 
     # ------------------------------------------------------------------ public
 
-    def run(self, microbatch_inputs, microbatch_targets=None) -> Optional[List[Optional[torch.Tensor]]]:
+    def run(self, microbatch_inputs, microbatch_targets=None,
+            microbatch_state=None) -> Optional[List[Optional[torch.Tensor]]]:
         """Run one step (every op of this rank's list); gradients accumulate into ``.grad``.
 
         ``microbatch_inputs[mb]`` is read on the rank(s) holding stage 0 and
         ``microbatch_targets[mb]`` on the rank(s) holding the last stage (others may pass None).
+        ``microbatch_state[mb]`` (optional) is this rank's own state of the micro-batch, never
+        communicated: every stage's module is then called as ``module(x, state)`` (e.g. the
+        per-layer KV cache of a generation pass, which each rank keeps for its own layers).
         Returns, on a rank that computed a loss, a list over micro-batches of the detached,
         unscaled ``loss_fn`` values (None for micro-batches whose loss another rank computed:
         DualPipe splits them between ranks 0 and R-1); None on the other ranks. Their mean over
-        all micro-batches is the step's loss (`pipeline_mean_loss`).
+        all micro-batches is the step's loss.
         """
         self._reset()
-        self._inputs, self._targets = microbatch_inputs, microbatch_targets
-        if self.sync_start and dist.is_initialized():
-            dist.barrier(group=self.group)
+        self._inputs, self._targets, self._states = microbatch_inputs, microbatch_targets, microbatch_state
+        if self.sync_start:
+            self.group.barrier()
         self.step_start = time.perf_counter()
         try:
             i, ops = 0, self.ops
@@ -407,7 +270,7 @@ class PipelineExecutor:
                 work.wait()
             self._send_works.clear()
         finally:
-            self._inputs = self._targets = None
+            self._inputs = self._targets = self._states = None
         self.step_end = time.perf_counter()
         self._check_finished()
         if not any(loss is not None for loss in self._losses):
@@ -513,22 +376,27 @@ class PipelineExecutor:
                 leaf = x = self._acts_in.pop(key)     # the received buffer is freed with the graph
             except KeyError:
                 raise RuntimeError(f"rank {self.rank}: {op} has no input (no RECV_F or local hand-over before it)")
-            x.requires_grad_()
-        with torch.enable_grad():
-            out = module(x)
+            x.requires_grad_(not self.schedule.forward_only)
+        with torch.set_grad_enabled(not self.schedule.forward_only):
+            out = module(x) if self._states is None else module(x, self._states[mb])
             if last:
                 if self._targets is None:
                     raise ValueError(f"rank {self.rank} runs the last stage and needs microbatch_targets.")
                 loss = self.loss_fn(out, _to(self._targets[mb], self.device))
+                if self.schedule.forward_only:
+                    self._losses[mb] = loss
+                    return
                 self._losses[mb] = loss.detach()
                 root = loss / self.schedule.num_microbatches
         if not last:
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"stage {stage} must return one tensor, got {type(out).__name__}")
             if self._local(mb, stage + 1):
-                self._acts_in[(mb, stage + 1)] = out.detach().requires_grad_()
+                self._acts_in[(mb, stage + 1)] = out.detach().requires_grad_(not self.schedule.forward_only)
             else:
                 self._acts_out[key] = out.detach()
+            if self.schedule.forward_only:
+                return
             # Keep the graph through its edge, not the output tensor (Megatron's deallocation).
             root = get_gradient_edge(out) if out.requires_grad else None
         del out
@@ -595,37 +463,29 @@ class PipelineExecutor:
         """Shape and dtype of the output of ``stage`` (= input of stage+1, and both gradients)."""
         return self._meta_fn(mb, stage)
 
-    def _peer(self, op: Op) -> int:
-        if self.group is None:
-            return op.peer
-        return dist.get_global_rank(self.group, op.peer)
-
     def _comm_batch(self, batch: Sequence[Op]) -> None:
         self._sync()
         start = time.perf_counter()
-        p2p, recvs, sends = [], [], []
+        transfers, recvs = [], []
         for op in batch:
             key = (op.mb, op.stage)
             if op.kind is Kind.SEND_F:
-                t = self._pop_outgoing(self._acts_out, key, op, self._meta(op.mb, op.stage))
-                p2p.append(dist.P2POp(dist.isend, t, self._peer(op), self.group))
-                sends.append(t)
+                transfers.append(("send", self._pop_outgoing(self._acts_out, key, op, self._meta(op.mb, op.stage)),
+                                  op.peer))
             elif op.kind is Kind.SEND_B:
-                t = self._pop_outgoing(self._grads_out, key, op, self._meta(op.mb, op.stage - 1))
-                p2p.append(dist.P2POp(dist.isend, t, self._peer(op), self.group))
-                sends.append(t)
+                transfers.append(("send", self._pop_outgoing(self._grads_out, key, op,
+                                                              self._meta(op.mb, op.stage - 1)), op.peer))
             else:
                 shape, dtype = self._meta(op.mb, op.stage - 1 if op.kind is Kind.RECV_F else op.stage)
                 buf = torch.empty(shape, dtype=dtype, device=self.device)
-                p2p.append(dist.P2POp(dist.irecv, buf, self._peer(op), self.group))
+                transfers.append(("recv", buf, op.peer))
                 recvs.append((op, buf))
-                sends.append(None)
         self._reap_sends()
-        works = dist.batch_isend_irecv(p2p)
-        if len(works) == len(p2p):
+        works = self.group.exchange(transfers)
+        if len(works) == len(transfers):
             # One request per op: wait for the receives, keep the sends until the end of the step.
-            for work, tensor in zip(works, sends):
-                if tensor is None:
+            for work, (kind, tensor, _) in zip(works, transfers):
+                if kind == "recv":
                     work.wait()
                 else:
                     self._send_works.append((work, tensor))
@@ -666,76 +526,3 @@ def _to(value, device: torch.device):
     if isinstance(value, dict):
         return {k: _to(v, device) for k, v in value.items()}
     return value
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def make_stage_modules(schedule: Schedule, rank: int, build_stage: Callable[[int], nn.Module]) -> Dict[int, nn.Module]:
-    """``{chunk: build_stage(schedule.stage_of(rank, chunk))}``: the modules ``rank`` runs.
-
-    For DualPipe, ``build_stage(s)`` runs on two ranks for every s, and the two copies must start
-    with the same parameters (seed the initialisation by stage, or load/broadcast them)."""
-    return {c: build_stage(schedule.stage_of(rank, c)) for c in range(schedule.chunks_per_rank)}
-
-
-def sum_duplicate_stage_grads(schedule: Schedule, rank: int, stage_modules: Mapping[int, nn.Module],
-                              pp_group=None, buffers: Optional[Callable[[str], bool]] = None) -> None:
-    """DualPipe: add each stage's two copies' gradients so both hold the sum (a no-op otherwise).
-
-    Rank r's chunk 0 (stage r) is rank R-1-r's chunk 1 and vice versa; the two ranks exchange the
-    gradients of both chunks in one batched point-to-point and add. A tensor is named by (stage,
-    parameter name), so the two copies of a stage must name their parameters alike (same module
-    class). A parameter object shared by both chunks of a rank (e.g. one embedding used by the
-    first and the last stage) is exchanged and added once: it is named by the smallest of its
-    (stage, name) pairs, and the paired rank, sharing the same pair of stages, names its own
-    shared object the same. A missing ``.grad`` counts as zero (and is materialised).
-    ``buffers(name)``: buffers to sum the same way, in place (e.g. per-expert token counts that
-    both copies must agree on). Call it after ``run`` and before clipping and the optimizer step,
-    on both ranks of each pair.
-    """
-    if schedule.layout != "dualpipe":
-        return
-    peer = schedule.num_ranks - 1 - rank
-    if peer == rank:
-        return
-    tensors: Dict[int, Tuple[Tuple[int, str], torch.Tensor]] = {}
-    for chunk in (0, 1):
-        stage = schedule.stage_of(rank, chunk)
-        named = [(n, p) for n, p in stage_modules[chunk].named_parameters() if p.requires_grad]
-        if buffers is not None:
-            named += [(n, b) for n, b in stage_modules[chunk].named_buffers() if buffers(n)]
-        for name, t in named:
-            if isinstance(t, nn.Parameter) and t.grad is None:
-                t.grad = torch.zeros_like(t)
-            key = (stage, name)
-            if id(t) not in tensors or key < tensors[id(t)][0]:
-                tensors[id(t)] = (key, t)
-    ordered = [t for _, t in sorted(tensors.values(), key=lambda kt: kt[0])]
-    add_peer_tensors([t.grad if isinstance(t, nn.Parameter) else t for t in ordered], peer, pp_group)
-
-
-def add_peer_tensors(tensors: Sequence[torch.Tensor], peer: int, group=None) -> None:
-    """Exchange ``tensors`` with rank ``peer`` of ``group`` (which calls this with tensors of the
-    same shapes, in the same order) and add the peer's to ours in place: both end with the sum."""
-    incoming = [torch.empty_like(t) for t in tensors]
-    global_peer = peer if group is None else dist.get_global_rank(group, peer)
-    ops = [dist.P2POp(dist.isend, t.contiguous(), global_peer, group) for t in tensors]
-    ops += [dist.P2POp(dist.irecv, t, global_peer, group) for t in incoming]
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
-    with torch.no_grad():
-        for target, theirs in zip(tensors, incoming):
-            target.add_(theirs)
-
-
-def pipeline_mean_loss(losses: Optional[List[Optional[torch.Tensor]]], num_microbatches: int,
-                       pp_group=None, device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """The step's mean loss on every rank of ``pp_group`` (a collective: all ranks call it) from what
-    each rank's ``run`` returned."""
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for loss in losses or ():
-        if loss is not None:
-            total += loss.to(total)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total, group=pp_group)
-    return total / num_microbatches

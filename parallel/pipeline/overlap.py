@@ -1,7 +1,7 @@
 """Overlapped F&B: run the forward and the backward halves of a DualPipe(V) ``FB`` op concurrently.
 
     from parallel.pipeline.overlap import make_overlap_runner
-    fb_runner = make_overlap_runner(topo)             # a collective over the world: every rank calls it
+    fb_runner = make_overlap_runner(ctx)              # a collective over the world: every rank calls it
     ex = PipelineExecutor(..., fb_runner=fb_runner)
     ex.run(...)
     fb_runner.timings                                 # per FB op: when each half ran (perf_counter)
@@ -27,7 +27,7 @@ runner executes them at the same time:
   (the TP group: column/row-parallel linears, sequence-parallel gathers, the vocabulary-parallel
   loss, the sequence-wise balance loss; the EP group: the MoE token dispatch and combine and their
   counts exchange -- every collective of ``parallel/tensor.py`` and ``parallel/expert.py``), and
-  the backward half runs in lane 1, which uses the twins (``parallel/lanes.py``). Each group then
+  the backward half runs in the backward lane, which uses the twins (``parallel/twin_groups.py``). Each group then
   sees one thread's collectives, in the order all ranks of the group agree on. The pipeline
   group is not twinned: point-to-point sends and receives are separate comm ops, issued from the
   calling thread between compute ops, never during an FB op.
@@ -71,7 +71,7 @@ mean that one half's host syncs (the MoE dispatch reads the token counts) no lon
 other's launches. But both halves' compute kernels would share a stream, in launch order, and a
 kernel queued behind the other half's wait for its all-to-all would wait too; so each half's
 compute needs its own stream. Autograd runs each backward kernel on the stream its forward op
-used (and on its own device thread: `lanes.current_lane` covers that), so the streams must be
+used (and on its own device thread: `Lanes.in_backward_lane` covers that), so the streams must be
 chosen at forward time, e.g. alternate two compute streams by micro-batch in ``run_forward`` and
 make the worker wait on an event of the caller's stream before starting. Not implemented: there
 is no GPU to test it here. A caveat for that step: NCCL documents that communicators used
@@ -92,7 +92,7 @@ from typing import Callable, Deque, Iterable, List, Optional, Union
 
 import torch
 
-from parallel.lanes import BACKWARD_LANE, FORWARD_LANE, create_lane_twins, overlap_window, use_lane
+from parallel.twin_groups import BACKWARD_LANE, FORWARD_LANE, Lanes, create_twins
 
 __all__ = ["make_overlap_runner", "OverlapRunner", "FBTiming"]
 
@@ -140,10 +140,12 @@ class OverlapRunner:
     forward half in the calling thread (lane 0), concurrently (module docstring).
 
     Needs twins of the groups the stages communicate on (`make_overlap_runner` creates them);
-    ``device`` is the device the stages run on (for the thread-local state copied to the worker).
+    ``lanes`` is the context's lane state, ``device`` the device the stages run on (for the
+    thread-local state copied to the worker).
     """
 
-    def __init__(self, device: Union[str, torch.device, None] = None, max_records: int = 4096):
+    def __init__(self, lanes: Lanes, device: Union[str, torch.device, None] = None, max_records: int = 4096):
+        self.lanes = lanes
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         # Bounded: a long run would otherwise grow it by one record per FB op forever.
         self.timings: Deque[FBTiming] = deque(maxlen=max_records)
@@ -164,7 +166,7 @@ class OverlapRunner:
             try:
                 with ExitStack() as stack:
                     state.enter(stack)
-                    stack.enter_context(use_lane(BACKWARD_LANE))
+                    stack.enter_context(self.lanes.use(BACKWARD_LANE))
                     start = time.perf_counter()
                     try:
                         run_backward()
@@ -174,11 +176,11 @@ class OverlapRunner:
                 errors["backward"] = exc
 
         worker = threading.Thread(target=backward_half, name="fb-backward", daemon=True)
-        with overlap_window():
+        with self.lanes.window():
             worker.start()
             start = time.perf_counter()
             try:
-                with use_lane(FORWARD_LANE):
+                with self.lanes.use(FORWARD_LANE):
                     run_forward()
             except BaseException as exc:  # noqa: BLE001 - re-raised below, after the join
                 errors["forward"] = exc
@@ -210,18 +212,14 @@ def _combined(errors: dict) -> BaseException:
     return exc
 
 
-def make_overlap_runner(topo, groups: Optional[Iterable] = None,
-                        max_records: int = 4096) -> OverlapRunner:
-    """An `OverlapRunner` for ``topo`` (a `parallel.topology.Topology`), with twins of the groups the
-    stages communicate on: ``groups`` (default: the TP and the EP group; None and size-1 groups
-    need none).
+def make_overlap_runner(ctx, groups: Optional[Iterable] = None, max_records: int = 4096) -> OverlapRunner:
+    """An `OverlapRunner` for ``ctx`` (a `parallel.context.ParallelContext`), with twins of the groups
+    the stages communicate on: ``groups`` (default: the TP and the EP group; size-1 groups need none).
 
     A collective over the whole world (it creates process groups): every rank calls it, at the
     same point. In a single process (no torch.distributed) there is nothing to twin.
     """
-    if groups is None:
-        groups = (topo.tp_group, topo.ep_group)
-    groups: List = [g for g in groups if g is not None]
-    if topo.is_distributed:
-        create_lane_twins(groups)
-    return OverlapRunner(topo.device, max_records=max_records)
+    groups = [g for g in (groups if groups is not None else (ctx.tp, ctx.ep)) if g.size > 1]
+    if ctx.is_distributed:
+        create_twins(groups)
+    return OverlapRunner(ctx.lanes, ctx.device, max_records=max_records)

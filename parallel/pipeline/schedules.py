@@ -166,6 +166,25 @@ def zb_h1(num_ranks: int, num_microbatches: int) -> Schedule:
     return sched
 
 
+def forward_only(placement: Schedule, num_microbatches: int) -> Schedule:
+    """Forward passes only (evaluation, generation), on the stages `placement` puts on each rank:
+    every micro-batch runs through every stage, each rank doing its stages' F ops in micro-batch
+    order. Every micro-batch takes the path of `placement`'s first micro-batch (DualPipe's second
+    copies stay idle). The executor runs it without building autograd graphs and returns the
+    last stage's outputs."""
+    check_positive("num_microbatches", num_microbatches)
+    sched = Schedule(f"{placement.name} forward-only", placement.layout, placement.num_ranks, placement.num_stages,
+                     num_microbatches, placement.chunks_per_rank, forward_only=True)
+    for r in range(sched.num_ranks):
+        b = RankBuilder(sched, r)
+        for mb in range(num_microbatches):
+            for stage in range(sched.num_stages):
+                if sched.locate(mb, stage)[0] == r:
+                    _forward(b, mb, stage)
+        sched.ops.append(b.ops)
+    return sched
+
+
 def build_schedule(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 2) -> Schedule:
     """The schedule ``name`` (one of `SCHEDULES`, as in ``parallel.schedule``) for ``num_ranks``
     pipeline ranks and ``num_microbatches`` micro-batches. ``virtual_stages`` (model chunks

@@ -1,6 +1,6 @@
 """Run a function on N local processes joined in one process group: the harness of multi-rank tests.
 
-    from parallel.distributed_testing import run_distributed
+    from tools.harness.distributed import run_distributed
 
     def check_all_reduce(scale):          # module level, so child processes can import it
         x = torch.ones(2) * scale
@@ -210,7 +210,7 @@ def _child_main(fn, args, kwargs, rank, world_size, port, backend, timeout_s, nu
     torch.set_num_threads(num_threads)
     try:
         if backend == "nccl":
-            from parallel.topology import device_for
+            from parallel.context import device_for
             device_for(rank)  # NCCL needs each rank on its own device, made current before init
         store = dist.TCPStore(_HOST, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,

@@ -1,9 +1,12 @@
-"""Pipeline-parallel training: this rank's stages of the model, run by a schedule.
+"""This rank's stages of the model, and the passes that run them through a pipeline schedule.
 
-`PipelineStages` builds the model slices a pipeline rank holds under ``parallel.schedule`` (one
-for 1F1B and ZB-H1, ``virtual_stages`` for interleaved 1F1B, two for DualPipe and DualPipeV),
-runs one step's micro-batches through `parallel.pipeline.PipelineExecutor`, and makes the result
-the same optimizer step as the single-process one:
+`ModelStages` is what the trainer holds whatever the layout: at PP = 1 it holds the whole model as
+one stage (run by the 1F1B schedule of one rank, which is the plain loop: forward and backward of
+each micro-batch in turn); under pipeline parallelism it holds the model slices a pipeline rank
+runs under ``parallel.schedule`` (one for 1F1B and ZB-H1, ``virtual_stages`` for interleaved
+1F1B, two for DualPipe and DualPipeV). One executor (`parallel.pipeline.PipelineExecutor`) runs
+training steps (F/B/W) and forward-only passes (evaluation), and the result of a step is the same
+optimizer step as the single-process one:
 
 * **Loss.** Each micro-batch's loss is divided by their number (the executor does it on the last
   stage). A stage that is not the last adds its MoE layers' sequence-wise balance loss to its own
@@ -19,11 +22,13 @@ the same optimizer step as the single-process one:
 * **DualPipe's two copies of every stage** (chunk 0 of rank r and chunk 1 of rank PP-1-r) get
   each other's gradients and expert-load counts added (`sum_duplicate_stage_grads`), so both
   take the same update and the same router-bias step.
+* **Declared gradient duties** (`parallel.grad_duties`: the router under TP, TP-replicated
+  parameters under SP) are summed over their groups in `finish_gradients`.
 * **Gradient norm.** Every parameter of the global model counts once: a copy (the last stage's
   embedding where it is a copy, DualPipe's chunk-1 stages) is left out of the sum
   (`duplicated_elsewhere`), and the sum runs over the TP x PP model-parallel group.
-* **Metrics** (losses per MTP depth, balance loss, FP8 tile counts) are summed over the pipeline
-  ranks, which each computed their part.
+* **Metrics** (losses per MTP depth, balance loss) are summed over the pipeline ranks, which each
+  computed their part.
 
 Placement of stages on ranks is the schedule's (`Schedule.stage_of`); the model is cut into
 `Schedule.num_stages` stages of contiguous layers (`stage_specs`: ``parallel.layers_per_stage``,
@@ -35,15 +40,16 @@ from __future__ import annotations
 from typing import Callable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from megads.config import Config
+from megads.config import Config, micro_batches_per_step
 from megads.model.model import DeepSeekV3, StageSpec, build_model, stage_specs
 from megads.model.moe import MoE
-from parallel.pipeline import build_schedule
-from parallel.pipeline.executor import PipelineExecutor, add_peer_tensors, sum_duplicate_stage_grads
-from parallel.topology import Topology
+from parallel.context import ParallelContext
+from parallel.grad_duties import sum_partial_grads
+from parallel.pipeline import build_schedule, forward_only
+from parallel.pipeline.executor import PipelineExecutor
+from parallel.pipeline.stage_copies import add_peer_tensors, sum_duplicate_stage_grads
 
 EMBEDDING = "embed_tokens.weight"
 
@@ -63,39 +69,23 @@ class _AttachBalanceLoss(torch.autograd.Function):
         return grad, torch.full(ctx.balance_shape, ctx.scale, dtype=grad.dtype, device=grad.device), None
 
 
-class PipelineStage(nn.Module):
+class Stage(nn.Module):
     """One stage as the executor runs it: ``forward(x)`` takes the micro-batch's token ids (first
-    stage) or the previous stage's hidden states and returns this stage's last block output; the
-    last stage's losses come from `loss`."""
+    stage) or the previous stage's output and returns this stage's last block output; on the last
+    stage `loss` (training) or `lm_loss` (evaluation) turns that into the micro-batch's loss."""
 
-    def __init__(self, model: DeepSeekV3, tp_size: int):
+    def __init__(self, model: DeepSeekV3):
         super().__init__()
         self.model = model
         self.spec: StageSpec = model.stage
-        self.sequence_factor = tp_size if model.sequence_parallel else 1
-        self.balance_scale = 1.0          # 1 / micro-batches of the step, set by PipelineStages
+        self.balance_scale = 1.0          # 1 / micro-batches of the step, set by ModelStages
         self.record: Callable[[str, torch.Tensor], None] = lambda key, value: None
 
-    def _balance_loss(self) -> Optional[torch.Tensor]:
-        balance = [m.balance_loss for m in self.model.moe_layers() if m.balance_loss is not None]
-        return torch.stack(balance).sum() if balance else None
-
-    def _release_balance_losses(self) -> None:
-        """Drop the MoE layers' references to this forward's balance losses once used: they hold
-        the micro-batch's graph, which a split (B/W) backward keeps whole until no one refers to it."""
-        for m in self.model.moe_layers():
-            m.balance_loss = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.first:
-            seq_length, ids, hidden = x.shape[1], x, None
-        else:   # under sequence parallelism x is this rank's chunk of the sequence
-            seq_length, ids, hidden = x.shape[1] * self.sequence_factor, None, x
-        cos, sin = self.model.positions(seq_length, x.device)
-        h = self.model.hidden_states(ids, cos, sin, hidden)
+        h = self.model.forward_stage(x)
         if not self.spec.last:
-            balance = self._balance_loss()
-            self._release_balance_losses()
+            balance = self.model.balance_loss()
+            self.model.release_balance_losses()
             if balance is not None:
                 self.record("balance_loss", balance)
                 if torch.is_grad_enabled():
@@ -103,11 +93,10 @@ class PipelineStage(nn.Module):
         return h
 
     def loss(self, h: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The last stage's loss (LM + weighted MTP + its balance losses) from its block output."""
+        """The last stage's training loss (LM + weighted MTP + its balance losses) from its block output."""
         input_ids, labels = target
-        cos, sin = self.model.positions(input_ids.shape[1], h.device)
-        out = self.model._losses(h, input_ids, labels, cos, sin)
-        self._release_balance_losses()
+        out = self.model.stage_losses(h, input_ids, labels)
+        self.model.release_balance_losses()
         self.record("loss", out.lm_loss)
         for depth, value in enumerate(out.mtp_losses, start=1):
             self.record(f"mtp_loss_depth_{depth}", value)
@@ -115,39 +104,42 @@ class PipelineStage(nn.Module):
             self.record("balance_loss", out.balance_loss)
         return out.loss
 
+    def lm_loss(self, h: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The language-model loss alone (evaluation)."""
+        input_ids, labels = target
+        model = self.model
+        return model.head_loss(model.norm(h), labels)
 
-class PipelineStages:
-    """This pipeline rank's stages, and one training step's pipelined forward and backward.
 
-    Quacks like the parts of `DeepSeekV3` the trainer, optimizer and checkpoints use
-    (`parameters`, `modules`, `moe_layers`, `full_state`, ...), over all stages of this rank.
+class ModelStages:
+    """This rank's stages (the whole model at PP = 1) and the passes that run them (module doc).
+
+    Offers what the trainer, the optimizer and checkpoints use (`parameters`, `modules`,
+    `moe_layers`, `full_state`, ...), over all stages of this rank.
     """
 
-    def __init__(self, cfg: Config, topo: Topology, seed: Optional[int] = None):
+    def __init__(self, cfg: Config, ctx: ParallelContext, seed: Optional[int] = None):
         p = cfg.parallel
-        if topo.pp_size != p.pipeline_parallel or topo.pp_size < 2:
-            raise ValueError(f"PipelineStages needs a topology with pipeline_parallel = {p.pipeline_parallel} > 1 "
-                             f"(got {topo.pp_size}).")
-        self.cfg, self.topo = cfg, topo
-        self.num_microbatches = cfg.train.global_batch_size // (topo.dp_size * cfg.train.micro_batch_size)
-        self.schedule = build_schedule(p.schedule, topo.pp_size, self.num_microbatches, p.virtual_stages)
-        self.specs = stage_specs(cfg.model, self.schedule.num_stages, p.layers_per_stage)
+        self.cfg, self.ctx = cfg, ctx
+        pp = ctx.pp.size
+        self.num_microbatches = micro_batches_per_step(cfg, ctx.dp.size)
+        self.schedule = build_schedule(p.schedule if pp > 1 else "1f1b", pp, self.num_microbatches,
+                                       p.virtual_stages)
+        self.specs = stage_specs(cfg.model, self.schedule.num_stages, p.layers_per_stage if pp > 1 else None)
         seed = cfg.train.seed if seed is None else seed
-        rank = topo.pp_rank
+        rank = ctx.pp.rank
         self.stage_ids = [self.schedule.stage_of(rank, c) for c in range(self.schedule.chunks_per_rank)]
         built: dict[int, DeepSeekV3] = {}
         for stage in self.stage_ids:
             if stage not in built:
-                built[stage] = build_model(cfg.model, seed=seed, device=topo.device, tp_group=topo.tp_group,
-                                           ep_group=topo.ep_group, sequence_parallel=topo.sequence_parallel,
-                                           stage=self.specs[stage])
+                built[stage] = build_model(cfg.model, seed=seed, device=ctx.device, ctx=ctx, stage=self.specs[stage])
         last = self.schedule.num_stages - 1
         # DualPipe(V): the first and the last stage are on this rank: MTP uses the first one's embedding.
         self.embedding_shared = 0 in built and last in built and hasattr(built[last], "embed_tokens") and last != 0
         if self.embedding_shared:
             built[last].embed_tokens = built[0].embed_tokens
         self.models = built                                     # stage -> model (unique per stage)
-        self.chunks = {c: PipelineStage(built[s], topo.tp_size) for c, s in enumerate(self.stage_ids)}
+        self.chunks = {c: Stage(built[s]) for c, s in enumerate(self.stage_ids)}
         self._container = nn.ModuleList([built[s] for s in sorted(built)])
         for chunk in self.chunks.values():
             chunk.record = self._record
@@ -155,25 +147,31 @@ class PipelineStages:
         # The embedding copy on the last stage that lives on another rank than stage 0's: its
         # gradient is exchanged with the first stage's.
         self._tied_embedding_peer: Optional[int] = None
-        has_mtp = cfg.model.num_nextn_predict_layers > 0
-        if has_mtp and not self.embedding_shared:
+        if cfg.model.num_nextn_predict_layers > 0 and not self.embedding_shared:
             first_rank, _ = self.schedule.locate(0, 0)
             last_rank, _ = self.schedule.locate(0, last)
             if rank in (first_rank, last_rank) and first_rank != last_rank:
                 self._tied_embedding_peer = last_rank if rank == first_rank else first_rank
-        seq = cfg.train.seq_length // (topo.tp_size if topo.sequence_parallel else 1)
-        meta = ((cfg.train.micro_batch_size, seq, cfg.model.hidden_size), torch.float32)
         fb_runner = None
         if p.overlap:
             from parallel.pipeline.overlap import make_overlap_runner  # sets up process groups: all ranks call it
-            fb_runner = make_overlap_runner(topo)
-        self.executor = PipelineExecutor(self.schedule, rank, self.chunks, self._last_stage_loss, topo.pp_group,
-                                         topo.device, activation_meta=meta, fb_runner=fb_runner)
+            fb_runner = make_overlap_runner(ctx)
+        self.executor = PipelineExecutor(self.schedule, rank, self.chunks, self._last_stage_loss, ctx.pp, ctx.device,
+                                         activation_meta=self._activation_meta(cfg.train.micro_batch_size),
+                                         fb_runner=fb_runner)
         self._copy_ids = {id(p) for _, p, owned in self.named_owned_parameters() if not owned}
 
-    whole_model = False         # checkpoints: this rank holds only its stages' tensors
+    @property
+    def whole_model(self) -> bool:
+        """Checkpoints: whether this rank holds every tensor (else load expects a subset)."""
+        return self.schedule.num_stages == 1
 
-    # ------------------------------------------------------------------ the step
+    def _activation_meta(self, batch_size: int):
+        """Shape and dtype of what crosses a stage boundary (hidden states, this rank's chunk under SP)."""
+        seq = self.ctx.local_sequence_length(self.cfg.train.seq_length)
+        return (batch_size, seq, self.cfg.model.hidden_size), torch.float32
+
+    # ------------------------------------------------------------------ the training step
 
     def _record(self, key: str, value: torch.Tensor) -> None:
         # Summed on the device: one host sync per step (in run), not one per micro-batch.
@@ -189,8 +187,9 @@ class PipelineStages:
     def run(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """Forward and backward of this rank's share of the step's micro-batches (a collective of
         the pipeline group). Gradients accumulate into ``.grad`` as the single-process step's
-        would, except for the sums over copies that `finish_gradients` does. Returns this rank's
-        part of the step's metrics: sum them over the pipeline group (`reduce_metrics`)."""
+        would, except for the sums that `finish_gradients` does. Returns the step's metrics,
+        summed over the pipeline ranks: mean over micro-batches of the LM loss (``loss``), of each
+        MTP depth's loss and of the balance loss (this rank's TP share of it)."""
         if len(batches) != self.num_microbatches:
             raise ValueError(f"the pipeline schedule was built for {self.num_microbatches} micro-batches, got "
                              f"{len(batches)}.")
@@ -198,11 +197,9 @@ class PipelineStages:
         for chunk in self.chunks.values():
             chunk.balance_scale = 1.0 / self.num_microbatches
         inputs = [ids for ids, _ in batches]
-        targets = [(ids.to(self.topo.device), labels.to(self.topo.device)) for ids, labels in batches]
+        targets = [(ids.to(self.ctx.device), labels.to(self.ctx.device)) for ids, labels in batches]
         self.executor.run(inputs, targets)
-        keys = list(self._sums)
-        values = torch.stack([self._sums[k] for k in keys]).tolist() if keys else []
-        return dict(zip(keys, values))
+        return self._reduce_metrics(self._sums)
 
     def metric_keys(self) -> list[str]:
         """Every key any pipeline rank may report (the same list on all ranks)."""
@@ -211,30 +208,59 @@ class PipelineStages:
             keys.append("balance_loss")
         return keys
 
-    def reduce_metrics(self, sums: dict[str, float], extra_keys: tuple[str, ...] = ()) -> dict[str, float]:
-        """Sum each metric over the pipeline ranks (those that did not compute it give 0)."""
-        keys = self.metric_keys() + list(extra_keys)
-        values = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=self.topo.device)
-        dist.all_reduce(values, group=self.topo.pp_group)
+    def _reduce_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Each metric summed over the pipeline ranks (those that did not compute it give 0): one
+        host sync."""
+        keys = self.metric_keys() if self.ctx.pp.size > 1 else list(sums)
+        if not keys:
+            return {}
+        zero = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        values = torch.stack([torch.as_tensor(sums.get(k, zero), dtype=torch.float64, device=self.ctx.device)
+                              for k in keys])
+        self.ctx.pp.all_reduce(values)
         return dict(zip(keys, values.cpu().tolist()))
 
     def finish_gradients(self) -> None:
-        """Make every copy's gradient the sum over copies (a collective of the pipeline group): the
-        tied embedding's two ranks exchange theirs; DualPipe's paired ranks add each other's
-        stage gradients and expert-load counts."""
+        """Complete the gradients after the backward (a collective): copies of a parameter on
+        several pipeline ranks get the sum over copies (the tied embedding's two ranks, DualPipe's
+        paired ranks, expert-load counts included), then every declared partial gradient is summed
+        over its group (`parallel.grad_duties`)."""
         if self._tied_embedding_peer is not None:
             embedding = self._embedding_parameter()
             if embedding.grad is None:
                 embedding.grad = torch.zeros_like(embedding)
-            add_peer_tensors([embedding.grad], self._tied_embedding_peer, self.topo.pp_group)
-        sum_duplicate_stage_grads(self.schedule, self.topo.pp_rank, self.chunks, self.topo.pp_group,
+            add_peer_tensors([embedding.grad], self._tied_embedding_peer, self.ctx.pp)
+        sum_duplicate_stage_grads(self.schedule, self.ctx.pp.rank, self.chunks, self.ctx.pp,
                                   buffers=lambda name: name.endswith("tokens_per_expert"))
+        sum_partial_grads(self.parameters(), self.ctx)
 
     def _embedding_parameter(self) -> nn.Parameter:
         for model in self.models.values():
             if hasattr(model, "embed_tokens"):
                 return model.embed_tokens.weight
         raise RuntimeError("no embedding on this rank")
+
+    # ------------------------------------------------------------------ forward-only passes
+
+    @torch.no_grad()
+    def evaluate_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean LM loss of `batches` (micro-batches), forward only through the stages; the same
+        value on every rank of the pipeline (a collective of it)."""
+        if not batches:
+            return 0.0
+        schedule = forward_only(self.schedule, len(batches))
+        chunks = {c: self.chunks[c] for c in range(schedule.chunks_per_rank)}
+        last_chunk = schedule.locate(0, schedule.num_stages - 1)[1]
+        executor = PipelineExecutor(schedule, self.ctx.pp.rank, chunks, self.chunks[last_chunk].lm_loss, self.ctx.pp,
+                                    self.ctx.device, activation_meta=self._activation_meta(batches[0][0].shape[0]))
+        targets = [(ids.to(self.ctx.device), labels.to(self.ctx.device)) for ids, labels in batches]
+        losses = executor.run([ids for ids, _ in batches], targets)
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        for loss in losses or ():
+            if loss is not None:
+                total += loss.double()
+        self.ctx.pp.all_reduce(total.reshape(1))
+        return total.item() / len(batches)
 
     # ------------------------------------------------------------------ which copy counts
 
@@ -264,7 +290,7 @@ class PipelineStages:
         """True for a copy of a parameter whose gradient norm another pipeline rank counts."""
         return id(p) in self._copy_ids
 
-    # ------------------------------------------------------------------ DeepSeekV3-like interface
+    # ------------------------------------------------------------------ the stages' modules, together
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self._container.parameters()
@@ -278,23 +304,16 @@ class PipelineStages:
     def named_modules(self):
         return self._container.named_modules()
 
-    def train(self, mode: bool = True) -> "PipelineStages":
+    def train(self, mode: bool = True) -> "ModelStages":
         self._container.train(mode)
         return self
 
-    def eval(self) -> "PipelineStages":
+    def eval(self) -> "ModelStages":
         return self.train(False)
 
     def moe_layers(self) -> Iterator[MoE]:
         for model in self._container:
             yield from model.moe_layers()
-
-    def sequence_parallel_parameters(self) -> list[nn.Parameter]:
-        unique = {}
-        for model in self._container:
-            for p in model.sequence_parallel_parameters():
-                unique[id(p)] = p
-        return list(unique.values())
 
     def update_router_biases(self, speed: float, reduce_loads=None) -> dict[str, float]:
         """Each stage's MoE layers take their bias step (loads of DualPipe's copies already summed);
@@ -302,10 +321,10 @@ class PipelineStages:
         imbalance: dict[str, float] = {}
         for model in self._container:
             imbalance.update(model.update_router_biases(speed, reduce_loads))
-        gathered: list[dict] = [None] * self.topo.pp_size
-        dist.all_gather_object(gathered, imbalance, group=self.topo.pp_group)
+        if self.ctx.pp.size == 1:
+            return imbalance
         merged: dict[str, float] = {}
-        for part in gathered:
+        for part in self.ctx.pp.all_gather_object(imbalance):
             merged.update(part)
         return dict(sorted(merged.items(), key=lambda kv: _layer_order(kv[0])))
 
@@ -329,38 +348,6 @@ class PipelineStages:
     def load_full_state(self, get_tensor) -> None:
         for model in self.models.values():
             model.load_full_state(get_tensor)
-
-    # ------------------------------------------------------------------ evaluation
-
-    @torch.no_grad()
-    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
-        """The LM loss of one batch, forward only, through the stages in order (each run by the rank
-        that holds it for the first micro-batch); the same value on every pipeline rank."""
-        rank, last = self.topo.pp_rank, self.schedule.num_stages - 1
-        input_ids, labels = input_ids.to(self.topo.device), labels.to(self.topo.device)
-        group = self.topo.pp_group
-        loss = torch.zeros(1, dtype=torch.float64, device=self.topo.device)
-        h, holder_of = None, [self.schedule.locate(0, s)[0] for s in range(last + 1)]
-        for stage in range(last + 1):
-            if holder_of[stage] != rank:
-                continue
-            if stage == 0:
-                x = input_ids
-            elif holder_of[stage - 1] == rank:
-                x = h
-            else:
-                factor = self.topo.tp_size if self.topo.sequence_parallel else 1
-                x = torch.empty((input_ids.shape[0], input_ids.shape[1] // factor, self.cfg.model.hidden_size),
-                                dtype=torch.float32, device=self.topo.device)
-                dist.recv(x, dist.get_global_rank(group, holder_of[stage - 1]), group=group)
-            h = self.chunks[self.stage_ids.index(stage)](x)
-            if stage == last:
-                model = self.models[last]
-                loss += model.head_loss(model.norm(h), labels).double()
-            elif holder_of[stage + 1] != rank:
-                dist.send(h.contiguous(), dist.get_global_rank(group, holder_of[stage + 1]), group=group)
-        dist.all_reduce(loss, group=group)
-        return loss.item()
 
 
 def _layer_order(name: str) -> tuple:

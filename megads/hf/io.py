@@ -1,0 +1,236 @@
+"""Hugging Face directories in and out: load_hf / save_hf (a model in memory), import_hf / export_hf
+(a megads checkpoint directory, without building the model).
+
+Every conversion streams: tensors are read one at a time and written through ShardedWriter, so
+peak memory is about one layer plus one shard, whatever the model size. Directories are written
+under a temporary name next to the target and renamed into place once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from megads.config import Config, ModelConfig, dump_config
+from megads.hf.config import HF_CONFIG, Log, hf_config_from_model_config, model_config_from_hf, read_hf_config
+from megads.hf.names import hf_mtp_depths, hf_tensors_to_megads, megads_state_shapes, megads_tensors_to_hf
+from megads.model.model import DeepSeekV3
+from megads.model.moe import MoE, Router
+from megads.model.rope import RotaryEmbedding, rope_frequencies
+from megads.shards import DEFAULT_SHARD_BYTES, CheckpointFormatError, ShardedReader, ShardedWriter
+from megads.train.checkpoint import (
+    finalize_directory,
+    read_checkpoint_config,
+    resolve_checkpoint,
+    verify_manifest,
+    write_model_weights,
+)
+
+PROGRESS_EVERY_S = 5.0
+
+# ============================================================================ plumbing
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+class _Progress:
+    """One log line every PROGRESS_EVERY_S seconds while tensors flow, and a summary at the end."""
+
+    def __init__(self, what: str, log: Log):
+        self.what, self.log = what, log
+        self.tensors = self.bytes = 0
+        self.start = self.last = time.monotonic()
+
+    def count(self, stream: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in stream:
+            self.tensors += 1
+            self.bytes += tensor.numel() * tensor.element_size()
+            now = time.monotonic()
+            if now - self.last >= PROGRESS_EVERY_S:
+                self.last = now
+                self.log(f"{self.what}: {self.tensors} tensors, {_size(self.bytes)} so far ({name})")
+            yield name, tensor
+
+    def done(self) -> None:
+        self.log(f"{self.what}: done, {self.tensors} tensors, {_size(self.bytes)} "
+                 f"in {time.monotonic() - self.start:.1f} s")
+
+
+@contextmanager
+def _staged_directory(target: Path, finalize: Callable[[Path, Path], None]):
+    """Yield a temporary sibling of `target`; `finalize(tmp, target)` moves it into place on success.
+
+    Refuses a non-empty target: replacing a directory full of someone's files is not a conversion's
+    call to make. On failure the temporary directory is removed and nothing appears at `target`.
+    """
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} already exists and is not empty; refusing to overwrite it.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        finalize(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_hf_dir(hf_dir: Path, cfg: ModelConfig, stream: Iterable[tuple[str, torch.Tensor]],
+                  max_shard_bytes: int, dtype: Optional[torch.dtype], log: Log) -> Path:
+    """Write config.json and the sharded weights of `stream` into `hf_dir`, atomically."""
+    progress = _Progress(f"writing Hugging Face weights to {hf_dir}", log)
+    stored_dtype = dtype
+    with _staged_directory(hf_dir, lambda tmp, final: os.replace(tmp, final)) as tmp:
+        with ShardedWriter(tmp, "model", max_shard_bytes) as writer:
+            for name, tensor in progress.count(stream):
+                if name == "lm_head.weight":
+                    stored_dtype = stored_dtype or tensor.dtype
+                writer.add(name, tensor)
+        # Written last: only now is the stored dtype known.
+        config = hf_config_from_model_config(cfg, stored_dtype or torch.float32)
+        (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    progress.done()
+    return hf_dir
+
+
+def _init_mtp(mtp: nn.ModuleList, cfg: ModelConfig, seed: int) -> None:
+    """Initialise MTP modules exactly as build_model(cfg, seed) would.
+
+    DeepSeekV3.init_weights seeds each parameter by its full name, so a shell model holding only
+    `mtp` (named as in the full model) reproduces the full model's values without building it.
+    """
+    shell = DeepSeekV3.__new__(DeepSeekV3)
+    nn.Module.__init__(shell)
+    shell.cfg = cfg
+    shell.mtp = mtp
+    shell.init_weights(seed)
+
+
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> DeepSeekV3:
+    """An uninitialised CPU model: built on the meta device, then given (unfilled) storage once.
+
+    Parameters take `dtype`, except the router's, which stays FP32 like its biases (as in
+    transformers). Non-persistent buffers, which no checkpoint holds, are recomputed here.
+    """
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg)
+    for module in model.modules():
+        if isinstance(module, Router):
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(param.to(dtype), requires_grad=param.requires_grad))
+    model.to_empty(device="cpu")
+
+    persistent = set(model.state_dict())
+    inv_freq, _ = rope_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+    restored = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, RotaryEmbedding):
+            module.inv_freq.copy_(inv_freq)
+            restored.add(prefix + "inv_freq")
+        elif isinstance(module, MoE):
+            module.tokens_per_expert.zero_()
+            restored.add(prefix + "tokens_per_expert")
+    unknown = {name for name, _ in model.named_buffers()} - persistent - restored
+    if unknown:
+        raise RuntimeError(f"megads.hf does not know how to initialise the non-persistent buffer(s) {sorted(unknown)}.")
+    return model
+
+
+# ============================================================================ public API
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0, log: Log = print) -> DeepSeekV3:
+    """A megads model (in eval mode, like transformers' from_pretrained) from a Hugging Face directory.
+
+    MTP depths the directory lacks are initialised as build_model(cfg, seed) would.
+    """
+    path = Path(path)
+    cfg = model_config_from_hf(read_hf_config(path), log)
+    reader = ShardedReader(path)
+    model = _empty_model(cfg, dtype)
+    if hf_mtp_depths(reader, cfg) < cfg.num_nextn_predict_layers:
+        with torch.no_grad():
+            _init_mtp(model.mtp, cfg, seed)
+    state = model.state_dict()
+    progress = _Progress(f"loading {path}", log)
+    with torch.no_grad():
+        for name, tensor in progress.count(hf_tensors_to_megads(reader, cfg, log)):
+            state[name].copy_(tensor)
+    progress.done()
+    return model.eval()
+
+
+def save_hf(model: DeepSeekV3, path: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+            dtype: Optional[torch.dtype] = None, log: Log = print) -> Path:
+    """Write a full (unsharded) megads model as a Hugging Face DeepSeek-V3 directory."""
+    state = model.state_dict()
+    stream = megads_tensors_to_hf(state.__getitem__, list(state), model.cfg, dtype)
+    return _write_hf_dir(Path(path), model.cfg, stream, max_shard_bytes, dtype, log)
+
+
+def import_hf(hf_dir: str | Path, ckpt_dir: str | Path, seed: int = 0, max_shard_bytes: Optional[int] = None,
+              log: Log = print) -> Path:
+    """Convert a Hugging Face directory into a megads checkpoint directory without building the model.
+
+    The checkpoint holds config.yaml (the imported model section, defaults elsewhere), model/ and
+    the COMPLETE manifest, and no training state. Missing MTP depths are written freshly
+    initialised (as build_model(cfg, seed) would), so the checkpoint always matches its config.
+    """
+    hf_dir, ckpt_dir = Path(hf_dir), Path(ckpt_dir)
+    cfg = model_config_from_hf(read_hf_config(hf_dir), log)
+    reader = ShardedReader(hf_dir)
+    present = min(hf_mtp_depths(reader, cfg), cfg.num_nextn_predict_layers)
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from hf_tensors_to_megads(reader, cfg, log)
+        if present < cfg.num_nextn_predict_layers:
+            with torch.device("meta"):
+                mtp = DeepSeekV3(cfg).mtp
+            mtp.to_empty(device="cpu")
+            with torch.no_grad():
+                _init_mtp(mtp, cfg, seed)
+            for name, tensor in mtp.state_dict().items():
+                if int(name.split(".", 1)[0]) >= present:
+                    yield f"mtp.{name}", tensor
+
+    progress = _Progress(f"importing {hf_dir} into {ckpt_dir}", log)
+    with _staged_directory(ckpt_dir, lambda tmp, final: finalize_directory(tmp, final, None)) as tmp:
+        (tmp / "config.yaml").write_text(dump_config(Config(model=cfg)))
+        write_model_weights(tmp, progress.count(stream()), max_shard_bytes)
+    progress.done()
+    return ckpt_dir
+
+
+def export_hf(ckpt_path: str | Path, hf_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+              dtype: Optional[torch.dtype] = None, log: Log = print) -> Path:
+    """Convert a megads checkpoint (a checkpoint directory, or a run directory: its latest one) to HF format."""
+    ckpt = resolve_checkpoint(ckpt_path)
+    verify_manifest(ckpt)
+    cfg = read_checkpoint_config(ckpt).model
+    reader = ShardedReader(ckpt / "model")
+    names = list(megads_state_shapes(cfg))
+    missing, unexpected = sorted(set(names) - set(reader.keys())), sorted(set(reader.keys()) - set(names))
+    if missing or unexpected:
+        raise CheckpointFormatError(f"Checkpoint {ckpt} does not match its config.yaml: missing {missing[:5]}, "
+                                    f"unexpected {unexpected[:5]}.")
+    log(f"exporting checkpoint {ckpt}")
+    return _write_hf_dir(Path(hf_dir), cfg, megads_tensors_to_hf(reader.get, names, cfg, dtype),
+                         max_shard_bytes, dtype, log)

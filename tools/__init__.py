@@ -1,0 +1,1 @@
+"""Scripts (benchmarks, GPU checks, launchers) and the test and measurement harness (`tools.harness`)."""
