@@ -214,6 +214,76 @@ class Awkward(nn.Module):
         return h @ self.l2.weight.t()
 
 
+# ----------------------------------------------------------------------------- forward-only schedules
+
+
+class StatefulStage(nn.Module):
+    """A stage that also takes this rank's per-micro-batch state: it adds the state's shift and
+    records which stage ran."""
+
+    def __init__(self, stage: int):
+        super().__init__()
+        self.stage = stage
+        self.inner = build_stage(stage)
+
+    def forward(self, x, state):
+        state["ran"].append(self.stage)
+        return self.inner(x) + state["shift"]
+
+
+def run_forward_only(case_list):
+    """One rank: every schedule's forward-only twin with per-micro-batch state; returns the last
+    stage's outputs (None on other ranks), the stages each micro-batch's state saw here, and whether
+    any output or stage input required grad."""
+    from parallel.pipeline import forward_only
+    rank, pp = dist.get_rank(), dist.get_world_size()
+    results = []
+    for name, n in case_list:
+        sched = forward_only(build_schedule(name, pp, max(n, 2 * pp), 2 if name == "interleaved-1f1b" else 1), n)
+        modules = make_stage_modules(sched, rank, StatefulStage)
+        grads_seen = []
+        head = lambda out, target: (grads_seen.append(out.requires_grad), out.sum(dim=-1) * target)[1]  # noqa: E731
+        ex = PipelineExecutor(sched, rank, modules, head, None, "cpu", activation_meta=((ROWS, HIDDEN), torch.float32))
+        inputs, _ = micro_batches(n)
+        states = [{"shift": 0.1 * mb, "ran": []} for mb in range(n)]
+        with torch.enable_grad():                  # forward-only must not build graphs even so
+            outputs = ex.run(inputs, [2.0] * n, states)
+        results.append((None if outputs is None else [o.clone() for o in outputs], [st["ran"] for st in states],
+                        any(grads_seen)))
+    return results
+
+
+FORWARD_ONLY_CASES = [("1f1b", 3), ("interleaved-1f1b", 2), ("zbh1", 1), ("dualpipe", 3), ("dualpipev", 5)]
+
+
+def test_forward_only_schedules_return_the_last_stage_outputs():
+    """Every schedule's forward-only twin computes what one process chaining the stages computes,
+    keeps no autograd graph, and hands every stage module its rank's per-micro-batch state."""
+    pp = 2
+    per_rank = run_distributed(run_forward_only, pp, args=(FORWARD_ONLY_CASES,), timeout_s=120)
+    from parallel.pipeline import forward_only
+    for case_index, (name, n) in enumerate(FORWARD_ONLY_CASES):
+        sched = forward_only(build_schedule(name, pp, max(n, 2 * pp), 2 if name == "interleaved-1f1b" else 1), n)
+        stages = [build_stage(s) for s in range(sched.num_stages)]
+        holder = sched.locate(0, sched.num_stages - 1)[0]
+        with torch.no_grad():
+            want = []
+            for mb, x in enumerate(micro_batches(n)[0]):
+                for stage in stages:
+                    x = stage(x) + 0.1 * mb
+                want.append(x.sum(dim=-1) * 2.0)
+        for rank, results in enumerate(per_rank):
+            outputs, ran, any_grad = results[case_index]
+            assert not any_grad, name
+            mine = [s for s in range(sched.num_stages) if sched.locate(0, s)[0] == rank]
+            assert ran == [mine] * n, (name, rank, ran)
+            if rank == holder:
+                for got, expected in zip(outputs, want):
+                    torch.testing.assert_close(got, expected, rtol=RTOL, atol=1e-6)
+            else:
+                assert outputs is None, (name, rank)
+
+
 @pytest.mark.parametrize("module", [lambda: Awkward(), lambda: nn.Sequential(nn.Linear(8, 8), nn.Tanh(),
                                                                            nn.Linear(8, 8), nn.LayerNorm(8))],
                          ids=["awkward", "mlp"])

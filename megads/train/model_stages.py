@@ -37,7 +37,7 @@ or as even as possible).
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -243,24 +243,38 @@ class ModelStages:
     # ------------------------------------------------------------------ forward-only passes
 
     @torch.no_grad()
+    def forward_only(self, inputs: list[torch.Tensor], head: Callable[[Stage, torch.Tensor, Any], torch.Tensor],
+                     output_shape: tuple[int, ...], targets: Optional[list] = None,
+                     states: Optional[list] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Forward passes of micro-batches through the stages, no autograd (a collective of the
+        pipeline group): `inputs[mb]` enters the first stage, and on the last stage
+        ``head(stage, h, targets[mb])`` turns its block output into the micro-batch's result, of
+        shape `output_shape` (e.g. a loss, the log-probabilities of chosen tokens, sampled ids).
+        Returns them stacked [micro-batches, *output_shape] on every rank of the pipeline.
+        `states[mb]` (optional) is this rank's own per-micro-batch state, never communicated,
+        which every stage module receives (`PipelineExecutor.run`)."""
+        schedule = forward_only(self.schedule, len(inputs))
+        chunks = {c: self.chunks[c] for c in range(schedule.chunks_per_rank)}
+        holder, last_chunk = schedule.locate(0, schedule.num_stages - 1)
+        last = self.chunks[last_chunk]
+        executor = PipelineExecutor(schedule, self.ctx.pp.rank, chunks, lambda h, target: head(last, h, target),
+                                    self.ctx.pp, self.ctx.device,
+                                    activation_meta=self._activation_meta(inputs[0].shape[0]))
+        outputs = executor.run(inputs, targets if targets is not None else [None] * len(inputs), states)
+        if self.ctx.pp.rank == holder:
+            stacked = torch.stack([out.to(dtype) for out in outputs])
+        else:
+            stacked = torch.empty((len(inputs), *output_shape), dtype=dtype, device=self.ctx.device)
+        return self.ctx.pp.broadcast(stacked, holder)
+
     def evaluate_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Mean LM loss of `batches` (micro-batches), forward only through the stages; the same
         value on every rank of the pipeline (a collective of it)."""
         if not batches:
             return 0.0
-        schedule = forward_only(self.schedule, len(batches))
-        chunks = {c: self.chunks[c] for c in range(schedule.chunks_per_rank)}
-        last_chunk = schedule.locate(0, schedule.num_stages - 1)[1]
-        executor = PipelineExecutor(schedule, self.ctx.pp.rank, chunks, self.chunks[last_chunk].lm_loss, self.ctx.pp,
-                                    self.ctx.device, activation_meta=self._activation_meta(batches[0][0].shape[0]))
         targets = [(ids.to(self.ctx.device), labels.to(self.ctx.device)) for ids, labels in batches]
-        losses = executor.run([ids for ids, _ in batches], targets)
-        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
-        for loss in losses or ():
-            if loss is not None:
-                total += loss.double()
-        self.ctx.pp.all_reduce(total.reshape(1))
-        return total.item() / len(batches)
+        losses = self.forward_only([ids for ids, _ in batches], Stage.lm_loss, (), targets, dtype=torch.float64)
+        return losses.sum().item() / len(batches)
 
     # ------------------------------------------------------------------ which copy counts
 
