@@ -13,6 +13,7 @@ from megads.model.mla import MultiHeadLatentAttention
 from megads.model.mlp import SwiGLU
 from megads.model.moe import MoE
 from megads.model.norm import RMSNorm
+from megads.model.pass_state import PassState
 
 
 class TransformerBlock(nn.Module):
@@ -23,9 +24,16 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
         self.self_attn = MultiHeadLatentAttention(cfg, ctx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
-        self.mlp = (MoE(cfg, ctx) if cfg.is_moe_layer(layer_index)
-                    else SwiGLU(cfg.hidden_size, cfg.intermediate_size, ctx))
+        self.is_moe = cfg.is_moe_layer(layer_index)
+        self.mlp = MoE(cfg, ctx) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size, ctx)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                state: PassState | None = None) -> torch.Tensor:
+        """`state` (generation, routing replay): this layer's KV cache and routing tape live there."""
+        cache = tape = None
+        if state is not None:
+            cache = state.cache(self.layer_index)
+            tape = state.tape(self.layer_index) if self.is_moe else None
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, tape) if self.is_moe else self.mlp(h))

@@ -14,6 +14,13 @@ W_UK and W_UV are `kv_b_proj`; W_DQ is `q_a_proj`, W_UQ and W_QR are `q_b_proj`.
 parallelism the heads are split (q_b_proj / q_proj and kv_b_proj by columns, o_proj by rows) while
 the low-rank down-projections stay replicated.
 
+Generation (a `LatentCache`, megads.model.pass_state): the cache holds per token only the
+normalised latent c_kv and the rotated shared rope key. The first call (the prompt) runs the
+training computation and fills the cache; later calls (decode) use the absorbed form of DeepSeek-V3's
+inference code: W_UK is folded into the query (q_nope W_UK: a query in latent space, scored
+directly against the cached c_kv) and W_UV into the output (the attention-weighted latent times
+W_UV), so keys and values are never expanded per head.
+
 Sequence parallelism (SP, TP > 1; Megatron-core's MLA layout): the input and output are this rank's
 sequence chunk [B, S/t, hidden]. The per-token low-rank part (q_a_proj + q_a_layernorm,
 kv_a_proj_with_mqa + kv_a_layernorm, the rope key before rotation) runs on the chunk, and only its
@@ -36,6 +43,7 @@ from torch import nn
 
 from megads.config import ModelConfig
 from megads.model.norm import RMSNorm
+from megads.model.pass_state import LatentCache
 from megads.model.rope import RotaryEmbedding, softmax_scale
 from parallel.context import ParallelContext
 from parallel.tensor import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, copy_to_tp_region,
@@ -71,11 +79,16 @@ class MultiHeadLatentAttention(nn.Module):
         self.rope = RotaryEmbedding(self.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
         self.softmax_scale = softmax_scale(self.qk_head_dim, cfg.rope_scaling)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over x [B, S, hidden]; cos/sin from RotaryEmbedding for positions 0..S-1.
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None) -> torch.Tensor:
+        """Causal self-attention over x [B, S, hidden]; cos/sin from RotaryEmbedding for the positions
+        of x (0..S-1, or the next S positions after the cached ones).
 
         Under SP, x and the output are this rank's chunk [B, S/t, hidden] (cos/sin still cover 0..S-1).
+        With a `cache` holding earlier tokens, the new tokens attend to those too (absorbed decode).
         """
+        if cache is not None and cache.length > 0:
+            return self._decode(x, cos, sin, cache)
         if self.sequence_parallel:
             q_latent, kv_latent, k_rope = self._gathered_latents(x)
         else:
@@ -96,11 +109,41 @@ class MultiHeadLatentAttention(nn.Module):
 
         q_rope = self.rope.rotate(q_rope, cos, sin)
         k_rope = self.rope.rotate(k_rope.unsqueeze(2), cos, sin)  # one rope key shared by all heads
+        if cache is not None:
+            cache.append(kv_latent, k_rope.squeeze(2))
 
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.num_heads, -1)), dim=-1)
         out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim))
+
+    def _decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        """The new tokens x [B, S, hidden] attending to the cached ones and to each other (causally),
+        in the absorbed form (module doc). Inference only: no sequence parallelism."""
+        batch, seq, _ = x.shape
+        q_latent_in = None if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+        compressed_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_rope = self.rope.rotate(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+        latent, rope_key = cache.append(self.kv_a_layernorm(compressed_kv), k_rope)   # [B, L, c], [B, L, r]
+
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(q_latent_in)
+        q = q.view(batch, seq, self.num_heads, self.qk_head_dim)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_rope = self.rope.rotate(q_rope, cos, sin)
+        # kv_b_proj's weight is [heads x (nope + v), c]: per head W_UK [nope, c] then W_UV [v, c].
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_in_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk.to(q_nope.dtype))
+        scores = (torch.einsum("bshc,btc->bsht", q_in_latent, latent.to(q_nope.dtype))
+                  + torch.einsum("bshr,btr->bsht", q_rope, rope_key.to(q_rope.dtype))) * self.softmax_scale
+        past = latent.shape[1] - seq
+        if seq > 1:   # the new tokens see the cache and the new tokens before them
+            allowed = torch.arange(latent.shape[1], device=x.device) <= past + torch.arange(seq, device=x.device)[:, None]
+            scores = scores.masked_fill(~allowed[None, :, None, :], float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(latent.dtype)
+        out_latent = torch.einsum("bsht,btc->bshc", probs, latent)
+        out = torch.einsum("bshc,hvc->bshv", out_latent, w_uv.to(out_latent.dtype))
+        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.v_head_dim).to(x.dtype))
 
     def _gathered_latents(self, x: torch.Tensor):
         """SP: (c_q or None, c_kv, k_rope) of the full sequence from this rank's hidden chunk.

@@ -37,6 +37,7 @@ from megads.model.block import TransformerBlock
 from megads.model.moe import MoE, RoutedExperts
 from megads.model.mtp import MTPModule
 from megads.model.norm import RMSNorm
+from megads.model.pass_state import PassState
 from megads.model.rope import RotaryEmbedding
 from megads.model.loss import IGNORE_INDEX, linear_cross_entropy, masked_mean_cross_entropy  # noqa: F401 (re-exported)
 from parallel.context import ParallelContext
@@ -139,20 +140,27 @@ class DeepSeekV3(nn.Module):
         """Rotary (cos, sin) for positions 0..seq_length-1 (the full sequence, also under SP)."""
         return self.rotary(torch.arange(seq_length, device=device))
 
-    def forward_stage(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_stage(self, x: torch.Tensor, state: Optional[PassState] = None) -> torch.Tensor:
         """This module's part of the forward: the output of its last transformer block (before the
         final norm), [B, S, hidden], or under sequence parallelism this rank's chunk [B, S/t, hidden].
 
         `x` is the token ids [B, S] on the first stage (which embeds them), else the previous
-        stage's output (this rank's chunk under SP).
+        stage's output (this rank's chunk under SP). `state` (megads.model.pass_state) carries the
+        micro-batch's KV cache and routing tapes across calls; its tokens start at `state.start`.
         """
         if self.stage.first:
             h, seq_length = self.embed_tokens(x), x.shape[1]
         else:
             h, seq_length = x, self.ctx.full_sequence_length(x.shape[1])
-        cos, sin = self.positions(seq_length, x.device)
+        if state is None:
+            cos, sin = self.positions(seq_length, x.device)
+        else:
+            if self.ctx.sequence_parallel:
+                raise NotImplementedError("a pass with a PassState (generation, routing replay) does not run "
+                                          "under sequence parallelism.")
+            cos, sin = self.rotary(torch.arange(state.start, state.start + seq_length, device=x.device))
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, state)
         return h
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

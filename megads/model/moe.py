@@ -27,6 +27,7 @@ from torch import nn
 
 from megads.config import ModelConfig
 from megads.model.mlp import SwiGLU
+from megads.model.pass_state import RoutingTape
 from parallel.context import ParallelContext
 from parallel.expert import make_token_dispatcher
 from parallel.grad_duties import declare_partial_grad
@@ -56,29 +57,35 @@ class Router(nn.Module):
             declare_partial_grad(self.weight, "tp")
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, hidden] -> (selected expert ids [T, K], gates [T, K], affinities [T, E]), FP32."""
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (selected expert ids [T, K], gates [T, K], affinities [T, E]), FP32.
+
+        `chosen` [T, K] (routing replay): use these experts instead of selecting; the gates still come
+        from this forward's affinities, so the router keeps its gradient."""
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-
-        with torch.no_grad():
-            choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
-            if self.n_group > 1 and self.topk_method != "greedy":
-                grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
-                if self.topk_method == "noaux_tc":
-                    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-                else:
-                    group_scores = grouped.amax(dim=-1)
-                top_groups = group_scores.topk(self.topk_group, dim=-1).indices
-                group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
-                choice = choice.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
-            topk_idx = choice.topk(self.top_k, dim=-1).indices
-
+        topk_idx = chosen if chosen is not None else self.select(scores)
         gates = scores.gather(1, topk_idx)
         if self.norm_topk_prob:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         return topk_idx, gates * self.routed_scaling_factor, scores
+
+    @torch.no_grad()
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """The top-K experts per token from the affinities (biased, group-limited; module doc)."""
+        choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
+        if self.n_group > 1 and self.topk_method != "greedy":
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            top_groups = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+            choice = choice.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+        return choice.topk(self.top_k, dim=-1).indices
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
@@ -163,21 +170,25 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None  # this forward's sequence-wise balance loss
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tape: RoutingTape | None = None) -> torch.Tensor:
+        """`tape` (megads.model.pass_state): record this forward's expert choices, or replay recorded ones."""
         if self.sequence_parallel:
-            routed = self.routed(x)  # tokens are already split across TP ranks, by sequence chunk
+            routed = self.routed(x, tape)  # tokens are already split across TP ranks, by sequence chunk
         else:
-            routed = gather_batch_across_tp(self.routed(split_batch_across_tp(x, self.tp)), self.tp)
+            routed = gather_batch_across_tp(self.routed(split_batch_across_tp(x, self.tp), tape), self.tp)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(x)
         return routed
 
-    def routed(self, x: torch.Tensor) -> torch.Tensor:
+    def routed(self, x: torch.Tensor, tape: RoutingTape | None = None) -> torch.Tensor:
         """sum_{i in TopK} g_i FFN_i(x) for x [B, S, hidden] (this rank's sequences, or under SP this
         rank's chunk of every sequence)."""
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
-        topk_idx, gates, scores = self.gate(flat)
+        replayed = tape.replay(batch, seq).reshape(-1, self.top_k) if tape is not None and tape.replaying else None
+        topk_idx, gates, scores = self.gate(flat, replayed)
+        if tape is not None and replayed is None:
+            tape.record(topk_idx.view(batch, seq, -1).detach())
         sorted_tokens, sorted_gates, local_tokens_per_expert, state = self.dispatcher.dispatch(flat, topk_idx, gates)
         expert_out = self.experts(sorted_tokens, sorted_gates, local_tokens_per_expert)
         out = self.dispatcher.combine(expert_out, state).to(x.dtype)

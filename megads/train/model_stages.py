@@ -45,6 +45,7 @@ from torch import nn
 from megads.config import Config, micro_batches_per_step
 from megads.model.model import DeepSeekV3, StageSpec, build_model, stage_specs
 from megads.model.moe import MoE
+from megads.model.pass_state import PassState
 from parallel.context import ParallelContext
 from parallel.grad_duties import sum_partial_grads
 from parallel.pipeline import build_schedule, forward_only
@@ -81,8 +82,8 @@ class Stage(nn.Module):
         self.balance_scale = 1.0          # 1 / micro-batches of the step, set by ModelStages
         self.record: Callable[[str, torch.Tensor], None] = lambda key, value: None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.model.forward_stage(x)
+    def forward(self, x: torch.Tensor, state: Optional[PassState] = None) -> torch.Tensor:
+        h = self.model.forward_stage(x, state)
         if not self.spec.last:
             balance = self.model.balance_loss()
             self.model.release_balance_losses()
@@ -166,9 +167,9 @@ class ModelStages:
         """Checkpoints: whether this rank holds every tensor (else load expects a subset)."""
         return self.schedule.num_stages == 1
 
-    def _activation_meta(self, batch_size: int):
+    def _activation_meta(self, batch_size: int, seq_length: Optional[int] = None):
         """Shape and dtype of what crosses a stage boundary (hidden states, this rank's chunk under SP)."""
-        seq = self.ctx.local_sequence_length(self.cfg.train.seq_length)
+        seq = self.ctx.local_sequence_length(seq_length or self.cfg.train.seq_length)
         return (batch_size, seq, self.cfg.model.hidden_size), torch.float32
 
     # ------------------------------------------------------------------ the training step
@@ -254,18 +255,18 @@ class ModelStages:
         `states[mb]` (optional) is this rank's own per-micro-batch state, never communicated,
         which every stage module receives (`PipelineExecutor.run`)."""
         schedule = forward_only(self.schedule, len(inputs))
-        chunks = {c: self.chunks[c] for c in range(schedule.chunks_per_rank)}
-        holder, last_chunk = schedule.locate(0, schedule.num_stages - 1)
-        last = self.chunks[last_chunk]
-        executor = PipelineExecutor(schedule, self.ctx.pp.rank, chunks, lambda h, target: head(last, h, target),
-                                    self.ctx.pp, self.ctx.device,
-                                    activation_meta=self._activation_meta(inputs[0].shape[0]))
+        batch, seq = inputs[0].shape
+        last_stage_head = lambda h, target: head(self.chunks[self._last_chunk], h, target)  # noqa: E731
+        executor = PipelineExecutor(schedule, self.ctx.pp.rank, self.chunks, last_stage_head,
+                                    self.ctx.pp, self.ctx.device, activation_meta=self._activation_meta(batch, seq))
         outputs = executor.run(inputs, targets if targets is not None else [None] * len(inputs), states)
-        if self.ctx.pp.rank == holder:
-            stacked = torch.stack([out.to(dtype) for out in outputs])
-        else:
-            stacked = torch.empty((len(inputs), *output_shape), dtype=dtype, device=self.ctx.device)
-        return self.ctx.pp.broadcast(stacked, holder)
+        # Each micro-batch's result is on the rank that ran its last stage; the sum over the pipeline
+        # (zeros elsewhere) puts every result on every rank.
+        stacked = torch.zeros((len(inputs), *output_shape), dtype=dtype, device=self.ctx.device)
+        for mb, out in enumerate(outputs or ()):
+            if out is not None:
+                stacked[mb] = out.to(dtype)
+        return self.ctx.pp.all_reduce(stacked)
 
     def evaluate_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Mean LM loss of `batches` (micro-batches), forward only through the stages; the same

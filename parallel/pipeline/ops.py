@@ -152,8 +152,7 @@ class Schedule:
 
     ``num_ranks`` is the number of pipeline ranks (devices). ``num_stages`` is the length of a
     micro-batch's path: PP for 1F1B, ZB-H1 and DualPipe, PP x virtual_stages for interleaved 1F1B,
-    2 x ranks for DualPipeV. A ``forward_only`` schedule (`schedules.forward_only`) has F ops only,
-    and every micro-batch takes the first micro-batch's path (DualPipe's copies are not used).
+    2 x ranks for DualPipeV. A ``forward_only`` schedule (`schedules.forward_only`) has F ops only.
     """
 
     name: str
@@ -173,7 +172,7 @@ class Schedule:
         if self.layout == "interleaved":
             return stage % R, stage // R
         if self.layout == "dualpipe":
-            if self.forward_only or mb < self.num_microbatches // 2:          # enters at rank 0
+            if mb < self.num_microbatches // 2:          # enters at rank 0
                 return stage, 0
             return R - 1 - stage, 1                       # enters at rank PP-1
         if self.layout == "v":

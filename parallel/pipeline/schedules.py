@@ -167,11 +167,11 @@ def zb_h1(num_ranks: int, num_microbatches: int) -> Schedule:
 
 
 def forward_only(placement: Schedule, num_microbatches: int) -> Schedule:
-    """Forward passes only (evaluation, generation), on the stages `placement` puts on each rank:
-    every micro-batch runs through every stage, each rank doing its stages' F ops in micro-batch
-    order. Every micro-batch takes the path of `placement`'s first micro-batch (DualPipe's second
-    copies stay idle). The executor runs it without building autograd graphs and returns the
-    last stage's outputs."""
+    """Forward passes only (evaluation, generation), with `placement`'s layout: every micro-batch
+    runs through every stage on the ranks that layout gives it (DualPipe's second half of the
+    micro-batches enters at the last rank, as in training, so a micro-batch meets the same ranks in
+    a forward-only pass and in a training step), each rank doing its F ops in micro-batch order.
+    The executor runs it without building autograd graphs and returns the last stage's outputs."""
     check_positive("num_microbatches", num_microbatches)
     sched = Schedule(f"{placement.name} forward-only", placement.layout, placement.num_ranks, placement.num_stages,
                      num_microbatches, placement.chunks_per_rank, forward_only=True)
