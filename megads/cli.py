@@ -1,6 +1,8 @@
 """The `megads` command.
 
     megads train CONFIG [--set SECTION.KEY=VALUE ...]   train (resumes from OUTPUT_DIR/checkpoints)
+    megads sft CONFIG [--set ...]                        cold-start SFT on a task's demonstrations (rl section)
+    megads grpo CONFIG [--set ...]                       GRPO from rl.init_from (rl section)
     megads import-hf HF_DIR CKPT_DIR                     Hugging Face DeepSeek-V3 dir -> megads checkpoint
     megads export-hf CKPT_DIR HF_DIR                     megads checkpoint (or run dir) -> Hugging Face dir
 """
@@ -31,6 +33,23 @@ def _train(args) -> int:
     return 0
 
 
+def _post_train(args) -> int:
+    if args.config is None:
+        print(f"megads {args.command}: a CONFIG file is required (e.g. examples/configs/{args.command}_tiny.yaml)",
+              file=sys.stderr)
+        return 2
+    cfg = load_config(args.config, args.set)
+    if args.command == "sft":
+        from megads.rl.sft import sft as run
+    else:
+        from megads.rl.grpo import grpo as run
+    try:
+        run(cfg)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def _import_hf(args) -> int:
     from megads.hf import import_hf
 
@@ -55,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override config values, e.g. --set train.max_steps=20 model.hidden_size=128")
     train.add_argument("--help-config", action="store_true", help="list every config field with its meaning")
     train.set_defaults(func=_train)
+
+    for name, what in (("sft", "cold-start SFT on a verifiable task's demonstrations (the rl section)"),
+                       ("grpo", "GRPO with rule-based rewards from an SFT checkpoint (the rl section)")):
+        job = sub.add_parser(name, help=what)
+        job.add_argument("config", nargs="?", help=f"YAML config, e.g. examples/configs/{name}_tiny.yaml")
+        job.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", help="override config values")
+        job.set_defaults(func=_post_train)
 
     imp = sub.add_parser("import-hf", help="convert a Hugging Face DeepSeek-V3 directory to a megads checkpoint")
     imp.add_argument("hf_dir")

@@ -189,6 +189,53 @@ class TrainConfig:
     num_threads: Optional[int] = _f(None, "torch intra-op threads on CPU; null: torch's default.")
 
 
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class RLConfig:
+    """Post-training, DeepSeek-R1's recipe: cold-start SFT (`megads sft`) and GRPO (`megads grpo`) on a
+    verifiable task generated in code, with rule-based rewards. Both use the train section for the
+    optimiser, steps, batch (`megads grpo`: train.global_batch_size = prompts_per_step x group_size
+    sequences, in micro-batches of train.micro_batch_size) and checkpoints."""
+
+    task: str = _f("arithmetic", "The verifiable task (megads.rl.tasks).")
+    task_options: dict = _f({}, "Options of the task, e.g. {max_digits: 2}.")
+    init_from: Optional[str] = _f(
+        None, "Checkpoint (or run directory: its latest checkpoint) whose weights SFT or GRPO starts from; "
+              "null: SFT starts from the seeded initialisation; GRPO needs one.")
+    sft_problems: int = _f(4000, "Demonstrations (train-split problems) the cold-start SFT cycles through.")
+    max_prompt_length: int = _f(16, "Prompts are left-padded with end-of-text tokens to this many tokens.")
+    max_new_tokens: int = _f(64, "Completion tokens at most (end-of-text included).")
+    prompts_per_step: int = _f(16, "GRPO: prompts per optimizer step (over all data-parallel ranks).")
+    group_size: int = _f(8, "GRPO: G, samples per prompt (advantages are relative within a group).")
+    temperature: float = _f(1.0, "Sampling temperature of the rollouts (log-probabilities use the same).")
+    top_p: float = _f(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability (1: off).")
+    top_k: int = _f(0, "Sample among the k most likely tokens (0: off).")
+    epsilon_low: float = _f(0.2, "PPO clip: the ratio may not fall below 1 - epsilon_low.")
+    epsilon_high: float = _f(0.2, "PPO clip: the ratio may not rise above 1 + epsilon_high (DAPO's clip-higher: 0.28).")
+    beta: float = _f(0.0, "Coefficient of the k3 KL to the frozen reference policy (0: no reference model is built).")
+    scale_rewards: bool = _f(True, "Advantages (r - mean) / (std + eps) per group; false: r - mean (Dr. GRPO).")
+    loss_aggregation: str = _f("token-mean", "How per-token losses make the loss: one of " + ", ".join(LOSS_AGGREGATIONS)
+                               + " (over the global batch).")
+    policy_iterations: int = _f(1, "mu: optimizer steps per rollout batch (ratios against the rollout's policy).")
+    truncated: Literal["keep", "mask", "penalize"] = _f(
+        "keep", "Completions without end-of-text within max_new_tokens: kept as they are, masked out of the loss, "
+                "or given reward truncation_penalty.")
+    truncation_penalty: float = _f(0.0, "Reward of a truncated completion with truncated: penalize.")
+    dynamic_sampling: bool = _f(False, "DAPO's dynamic sampling: re-sample groups whose rewards are all equal "
+                                       "(zero advantage), with new prompts, up to max_resample_rounds.")
+    max_resample_rounds: int = _f(2, "Extra rollout rounds dynamic sampling may run per step.")
+    routing_replay: bool = _f(True, "MoE: the log-probability and policy passes route every token to the experts the "
+                                    "rollout chose (router scores still computed, so the gates keep their gradients).")
+    rewards: dict = _f({"accuracy": 1.0, "partial": 1.0},
+                       "Reward functions and their weights (megads.rl.rewards): accuracy (1 for the right answer), "
+                       "format (1 when well formed), partial (0.1 for a well-formed wrong integer answer: TinyZero's "
+                       "scheme with the default weights).")
+    eval_problems: int = _f(500, "Held-out problems of each evaluation (greedy pass@1, and pass@G with group_size samples).")
+    eval_every: int = _f(10, "GRPO: evaluate every N steps (0: only before the first and after the last).")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -196,6 +243,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fp8: Fp8Config = field(default_factory=Fp8Config)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -203,7 +251,7 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_CLASSES = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "train": TrainConfig,
-                    "fp8": Fp8Config}
+                    "fp8": Fp8Config, "rl": RLConfig}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -594,13 +642,58 @@ def _fp8_rules(f: Fp8Config, p: ParallelConfig):
         "fp8.dispatch (FP8 expert all-to-all) needs fp8.enabled: true.")
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+def _rl_rules(r: RLConfig):
+    for name in ("max_prompt_length", "max_new_tokens", "prompts_per_step", "policy_iterations", "eval_problems",
+                 "sft_problems"):
+        yield getattr(r, name) >= 1, f"rl.{name} must be at least 1, got {getattr(r, name)}."
+    for name in ("top_k", "max_resample_rounds", "eval_every"):
+        yield getattr(r, name) >= 0, f"rl.{name} must not be negative, got {getattr(r, name)}."
+    yield r.group_size >= 2, (f"rl.group_size must be at least 2 (advantages compare the samples of a prompt), "
+                              f"got {r.group_size}.")
+    for name in ("epsilon_low", "epsilon_high"):
+        yield 0 < getattr(r, name) < 1, f"rl.{name} must be in (0, 1), got {getattr(r, name)}."
+    yield r.beta >= 0, f"rl.beta must not be negative, got {r.beta}."
+    yield r.temperature >= 0, f"rl.temperature must not be negative (0: greedy), got {r.temperature}."
+    yield 0 < r.top_p <= 1, f"rl.top_p must be in (0, 1], got {r.top_p}."
+    yield r.loss_aggregation in LOSS_AGGREGATIONS, (
+        f"rl.loss_aggregation must be one of {', '.join(LOSS_AGGREGATIONS)}, got {r.loss_aggregation!r}.")
+    yield isinstance(r.rewards, dict) and len(r.rewards) > 0 and all(
+        isinstance(k, str) and _is_number(v) and v == v and abs(v) != float("inf") for k, v in r.rewards.items()), (
+        f"rl.rewards must map reward names to finite numbers, got {r.rewards!r}.")
+
+
+def _rl_job_rules(cfg: Config, job: str):
+    """Rules of `megads sft` / `megads grpo` (a plain `megads train` ignores the rl section)."""
+    r, m, t = cfg.rl, cfg.model, cfg.train
+    yield from _rl_rules(r)
+    context = r.max_prompt_length + r.max_new_tokens
+    yield context <= m.max_position_embeddings, (
+        f"rl.max_prompt_length + rl.max_new_tokens ({context}) must not exceed model.max_position_embeddings "
+        f"({m.max_position_embeddings}).")
+    yield m.vocab_size >= 257, f"model.vocab_size ({m.vocab_size}) must be at least 257: the tasks are byte-level."
+    yield not cfg.parallel.sequence_parallel, (
+        "parallel.sequence_parallel is not supported by megads sft/grpo yet (decoding one token per step cannot "
+        "be split into sequence chunks).")
+    yield t.seq_length == context - 1, (
+        f"train.seq_length ({t.seq_length}) must be rl.max_prompt_length + rl.max_new_tokens - 1 = {context - 1} "
+        f"(the tokens a sequence feeds the model).")
+    if job == "grpo":
+        rows = r.prompts_per_step * r.group_size
+        yield t.global_batch_size == rows, (
+            f"train.global_batch_size ({t.global_batch_size}) must be rl.prompts_per_step x rl.group_size "
+            f"({r.prompts_per_step} x {r.group_size} = {rows}): the sequences of one GRPO step.")
+        yield r.init_from is not None, "rl.init_from must name the checkpoint GRPO starts from (e.g. the SFT run)."
+
+
+def validate(cfg: Config, world_size: Optional[int] = None, job: str = "train") -> None:
     """Raise ConfigError listing every violated rule (one sentence each); given `world_size`, the
-    rules of running on that many ranks too (checked at launch, before any process group exists)."""
+    rules of running on that many ranks too (checked at launch, before any process group exists);
+    `job` "sft" or "grpo" adds the post-training rules of the rl section."""
     layout = () if world_size is None else _layout_rules(cfg, world_size)
+    rl = _rl_job_rules(cfg, job) if job in ("sft", "grpo") else _rl_rules(cfg.rl)
     problems = [msg for ok, msg in (*_model_rules(cfg.model), *_train_rules(cfg.train),
                                     *_parallel_rules(cfg.parallel, cfg.model, cfg.train), *_data_rules(cfg.data),
-                                    *_fp8_rules(cfg.fp8, cfg.parallel), *layout)
+                                    *_fp8_rules(cfg.fp8, cfg.parallel), *rl, *layout)
                 if not ok and msg]
     if cfg.data.tokenizer == "byte" and cfg.model.vocab_size < 260:
         problems.append(f"model.vocab_size ({cfg.model.vocab_size}) must be at least 260 for data.tokenizer byte.")

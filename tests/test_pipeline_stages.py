@@ -55,7 +55,7 @@ def test_chained_stages_equal_the_whole_model(num_stages, layers_per_stage):
     stages = [Stage(build_model(CFG, seed=5, stage=s).train()) for s in stage_specs(CFG, num_stages, layers_per_stage)]
     recorded = {}
     for stage in stages:
-        stage.record = lambda key, value: recorded.setdefault(key, []).append(value.item())
+        stage.record = lambda key, value, weight=1.0: recorded.setdefault(key, []).append(value.item() * weight)
     x, handed_over = ids, []
     for stage in stages[:-1]:
         out = stage(x)

@@ -303,12 +303,12 @@ def _probe_known_issues(device: torch.device) -> list[str]:
     """Problems outside parallel/ that only show on GPU; reported, not failed."""
     warnings_ = []
     try:
-        from megads.train import trainer
+        from megads.train.data import autocast
         cfg = make_config(train={**SMALL_TRAIN, "precision": "bf16"})
-        with trainer._autocast(cfg, device):
+        with autocast(cfg, device):
             y = F.linear(torch.randn(2, 4, device=device), torch.randn(3, 4, device=device))
         if y.dtype != torch.bfloat16:
-            warnings_.append(f"megads/train/trainer.py _autocast(cfg, {device}): with precision bf16 the "
+            warnings_.append(f"megads/train/data.py autocast(cfg, {device}): with precision bf16 the "
                              f"CUDA matmuls run in {y.dtype} (no bf16 autocast on GPU).")
     except Exception as err:  # noqa: BLE001
         warnings_.append(f"autocast probe failed: {err!r}")

@@ -79,8 +79,10 @@ class Stage(nn.Module):
         super().__init__()
         self.model = model
         self.spec: StageSpec = model.stage
-        self.balance_scale = 1.0          # 1 / micro-batches of the step, set by ModelStages
-        self.record: Callable[[str, torch.Tensor], None] = lambda key, value: None
+        self.microbatch_weight = 1.0      # 1 / micro-batches of the step, set by ModelStages
+        # record(key, value, weight=1): add weight * value to the step's metric `key` (summed over
+        # micro-batches and ranks, in float64)
+        self.record: Callable[..., None] = lambda key, value, weight=1.0: None
 
     def forward(self, x: torch.Tensor, state: Optional[PassState] = None) -> torch.Tensor:
         h = self.model.forward_stage(x, state)
@@ -88,9 +90,9 @@ class Stage(nn.Module):
             balance = self.model.balance_loss()
             self.model.release_balance_losses()
             if balance is not None:
-                self.record("balance_loss", balance)
+                self.record("balance_loss", balance, self.microbatch_weight)
                 if torch.is_grad_enabled():
-                    h = _AttachBalanceLoss.apply(h, balance, self.balance_scale)
+                    h = _AttachBalanceLoss.apply(h, balance, self.microbatch_weight)
         return h
 
     def loss(self, h: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -98,11 +100,12 @@ class Stage(nn.Module):
         input_ids, labels = target
         out = self.model.stage_losses(h, input_ids, labels)
         self.model.release_balance_losses()
-        self.record("loss", out.lm_loss)
+        weight = self.microbatch_weight
+        self.record("loss", out.lm_loss, weight)
         for depth, value in enumerate(out.mtp_losses, start=1):
-            self.record(f"mtp_loss_depth_{depth}", value)
+            self.record(f"mtp_loss_depth_{depth}", value, weight)
         if out.balance_loss is not None:
-            self.record("balance_loss", out.balance_loss)
+            self.record("balance_loss", out.balance_loss, weight)
         return out.loss
 
     def lm_loss(self, h: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -145,6 +148,7 @@ class ModelStages:
         for chunk in self.chunks.values():
             chunk.record = self._record
         self._sums: dict[str, torch.Tensor] = {}
+        self._loss: Callable = Stage.loss                      # the last stage's loss of the running step
         # The embedding copy on the last stage that lives on another rank than stage 0's: its
         # gradient is exchanged with the first stage's.
         self._tied_embedding_peer: Optional[int] = None
@@ -174,45 +178,52 @@ class ModelStages:
 
     # ------------------------------------------------------------------ the training step
 
-    def _record(self, key: str, value: torch.Tensor) -> None:
+    def _record(self, key: str, value: torch.Tensor, weight: float = 1.0) -> None:
         # Summed on the device: one host sync per step (in run), not one per micro-batch.
-        self._sums[key] = self._sums.get(key, 0.0) + value.detach().double() / self.num_microbatches
+        self._sums[key] = self._sums.get(key, 0.0) + value.detach().double() * weight
 
     def _last_stage_loss(self, h: torch.Tensor, target) -> torch.Tensor:
-        return self.chunks[self._last_chunk].loss(h, target)
+        return self._loss(self.chunks[self._last_chunk], h, target)
 
     @property
     def _last_chunk(self) -> int:
         return self.stage_ids.index(self.schedule.num_stages - 1)
 
-    def run(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    def run(self, batches: list[tuple[torch.Tensor, Any]], loss: Optional[Callable] = None,
+            states: Optional[list[PassState]] = None, metric_keys: Optional[list[str]] = None) -> dict[str, float]:
         """Forward and backward of this rank's share of the step's micro-batches (a collective of
         the pipeline group). Gradients accumulate into ``.grad`` as the single-process step's
         would, except for the sums that `finish_gradients` does. Returns the step's metrics,
-        summed over the pipeline ranks: mean over micro-batches of the LM loss (``loss``), of each
-        MTP depth's loss and of the balance loss (this rank's TP share of it)."""
+        summed over the pipeline ranks: by default the mean over micro-batches of the LM loss
+        (``loss``), of each MTP depth's loss and of the balance loss (this rank's TP share of it).
+
+        `batches[mb]` is (input_ids, target). `loss(stage, h, (input_ids, target))` replaces the
+        language-model loss (target: the labels) on the last stage (the executor divides it by the number of micro-batches); it
+        records its metrics with ``stage.record(key, value)`` and names them in `metric_keys`.
+        `states[mb]`: this rank's PassState of each micro-batch (e.g. routing replay)."""
         if len(batches) != self.num_microbatches:
             raise ValueError(f"the pipeline schedule was built for {self.num_microbatches} micro-batches, got "
                              f"{len(batches)}.")
         self._sums = {}
+        self._loss = loss or Stage.loss
         for chunk in self.chunks.values():
-            chunk.balance_scale = 1.0 / self.num_microbatches
+            chunk.microbatch_weight = 1.0 / self.num_microbatches
         inputs = [ids for ids, _ in batches]
-        targets = [(ids.to(self.ctx.device), labels.to(self.ctx.device)) for ids, labels in batches]
-        self.executor.run(inputs, targets)
-        return self._reduce_metrics(self._sums)
+        targets = [_to_device(batch, self.ctx.device) for batch in batches]      # the loss gets (input_ids, target)
+        self.executor.run(inputs, targets, states)
+        return self._reduce_metrics(self._sums, self.metric_keys() if metric_keys is None else metric_keys)
 
     def metric_keys(self) -> list[str]:
-        """Every key any pipeline rank may report (the same list on all ranks)."""
+        """Every key any pipeline rank may report with the language-model loss (the same list on all ranks)."""
         keys = ["loss"] + [f"mtp_loss_depth_{d}" for d in range(1, self.cfg.model.num_nextn_predict_layers + 1)]
         if self.cfg.model.num_moe_layers > 0 and self.cfg.model.aux_loss_alpha > 0:
             keys.append("balance_loss")
         return keys
 
-    def _reduce_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _reduce_metrics(self, sums: dict[str, torch.Tensor], keys: list[str]) -> dict[str, float]:
         """Each metric summed over the pipeline ranks (those that did not compute it give 0): one
         host sync."""
-        keys = self.metric_keys() if self.ctx.pp.size > 1 else list(sums)
+        keys = keys if self.ctx.pp.size > 1 else list(sums)
         if not keys:
             return {}
         zero = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
@@ -319,6 +330,10 @@ class ModelStages:
     def named_modules(self):
         return self._container.named_modules()
 
+    @property
+    def training(self) -> bool:
+        return self._container.training
+
     def train(self, mode: bool = True) -> "ModelStages":
         self._container.train(mode)
         return self
@@ -363,6 +378,16 @@ class ModelStages:
     def load_full_state(self, get_tensor) -> None:
         for model in self.models.values():
             model.load_full_state(get_tensor)
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def _layer_order(name: str) -> tuple:

@@ -14,17 +14,17 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from megads.config import Config, ConfigError, dump_config, validate
-from megads.data import GlobalBatchSampler, PackedWindows, build_or_load_corpus, micro_batches
 from megads.fp8.convert import convert_to_fp8, fp8_stats
-from megads.train.checkpoint import list_checkpoints, load_checkpoint, read_checkpoint_config, save_checkpoint
+from megads.train.checkpoint import (list_checkpoints, load_checkpoint, load_model_weights, read_checkpoint_config,
+                                     resolve_checkpoint, save_checkpoint)
+from megads.train.data import CorpusData, TrainingData, autocast
 from megads.train.lr_schedule import learning_rate
 from megads.train.metrics import MetricsLogger, ProgressPrinter
 from megads.train.model_stages import ModelStages
@@ -39,64 +39,48 @@ class TrainResult:
     last_loss: Optional[float]
 
 
-def _autocast(cfg: Config, device: torch.device):
-    if cfg.train.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _check_resume_compatible(cfg: Config, ckpt: Path) -> None:
+def check_same_model(cfg: Config, ckpt: Path, advice: str = "use a new train.output_dir or the same model settings"
+                     ) -> None:
+    """ConfigError naming the model fields in which `ckpt`'s config differs from `cfg`'s."""
     saved = read_checkpoint_config(ckpt)
     if saved.model != cfg.model:
         changed = [k for k in vars(cfg.model) if getattr(saved.model, k) != getattr(cfg.model, k)]
         raise ConfigError(f"The checkpoint {ckpt} was trained with a different model (model.{', model.'.join(changed)} "
-                          f"differ); use a new train.output_dir or the same model settings.")
-
-
-def evaluate(model: ModelStages, windows: PackedWindows, cfg: Config) -> float:
-    """Mean LM loss over the first `eval_batches` micro-batches of the held-out windows (a
-    collective under model parallelism: every rank evaluates the same batches). A last, partial
-    micro-batch is left out (a pipeline's buffers are sized for full micro-batches)."""
-    mbs = cfg.train.micro_batch_size
-    count = min(len(windows) // mbs, cfg.train.eval_batches)
-    batches = []
-    for start in range(0, count * mbs, mbs):
-        batch = torch.stack([windows[i] for i in range(start, start + mbs)])
-        batches.append((batch[:, :-1], batch[:, 1:]))
-    model.eval()
-    with _autocast(cfg, model.ctx.device):
-        loss = model.evaluate_loss(batches)
-    model.train()
-    return loss
+                          f"differ); {advice}.")
 
 
 class _StopRequested(Exception):
     pass
 
 
-def train(cfg: Config, log=print) -> TrainResult:
+DataFactory = Callable[[Config, ParallelContext, Callable], TrainingData]
+
+
+def train(cfg: Config, log=print, data: DataFactory = CorpusData.build, job: str = "train") -> TrainResult:
     """Run (or resume) training; under torchrun every rank calls this with the same config.
 
+    `data(cfg, ctx, log)` builds what the run reads (default: the text corpus; `megads sft`: a
+    task's demonstrations); `job` names the command for the config rules ("train", "sft").
     The process group is started here if torchrun launched us and none exists, and then also
     destroyed at the end; a caller's own process group is left to the caller."""
     started_here = not torch.distributed.is_initialized()
-    ctx = parallel_context(cfg)
+    ctx = parallel_context(cfg, job)
     try:
-        return _train(cfg, ctx, log if ctx.rank == 0 else (lambda *_: None))
+        return _train(cfg, ctx, log if ctx.rank == 0 else (lambda *_: None), data, job)
     finally:
         if ctx.is_distributed and started_here:
             destroy_distributed()
 
 
-def parallel_context(cfg: Config) -> ParallelContext:
-    """Validate the layout against the launcher's world size (before any process group exists), then
-    start torch.distributed if needed and build the groups."""
-    validate(cfg, world_size=world_size_from_environment())
+def parallel_context(cfg: Config, job: str = "train") -> ParallelContext:
+    """Validate the config and the layout against the launcher's world size (before any process
+    group exists), then start torch.distributed if needed and build the groups."""
+    validate(cfg, world_size=world_size_from_environment(), job=job)
     p = cfg.parallel
     return ParallelContext.create(p.tensor_parallel, p.pipeline_parallel, p.expert_parallel, p.sequence_parallel)
 
 
-def _train(cfg: Config, ctx: ParallelContext, log) -> TrainResult:
+def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: str) -> TrainResult:
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -105,18 +89,7 @@ def _train(cfg: Config, ctx: ParallelContext, log) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
 
-    cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path.home() / ".cache" / "megads"
-    # Rank 0 builds the tokenizer and token cache; the others then find it ready.
-    for turn in ("build", "load"):
-        if (turn == "build") == (ctx.rank == 0):
-            tokenizer, corpus = build_or_load_corpus(cfg.data.source, cfg.model.vocab_size, cfg.data.tokenizer,
-                                                     cfg.data.max_bytes, cache_dir, log=log)
-        ctx.barrier()
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                          f"vocabulary ({tokenizer.vocab_size}).")
-    train_windows, valid_windows = PackedWindows(corpus.tokens, t.seq_length).split(cfg.data.valid_fraction)
-    sampler = GlobalBatchSampler(len(train_windows), t.global_batch_size, t.seed)
+    data = make_data(cfg, ctx, log)
 
     torch.manual_seed(t.seed)
     model = ModelStages(cfg, ctx)
@@ -131,18 +104,23 @@ def _train(cfg: Config, ctx: ParallelContext, log) -> TrainResult:
         pp = (f"PP {ctx.pp.size} ({cfg.parallel.schedule}, stages {model.stage_ids} on pipeline rank 0, "
               f"{model.num_microbatches} micro-batches) x ")
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on this rank; layout: {ctx.world_size} ranks = "
-        f"{pp}TP {ctx.tp.size}{sp} x DP {ctx.dp.size} (EP {ctx.ep.size}); data: {len(train_windows):,} "
-        f"training windows of {t.seq_length} tokens")
+        f"{pp}TP {ctx.tp.size}{sp} x DP {ctx.dp.size} (EP {ctx.ep.size}); data: {data.description}")
 
     start_step = 0
     checkpoints_dir = out / "checkpoints"
     existing = list_checkpoints(checkpoints_dir)
     if existing:
-        _check_resume_compatible(cfg, existing[-1])
+        check_same_model(cfg, existing[-1])
         state = load_checkpoint(existing[-1], model, optimizer, ctx)
         start_step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         log(f"resumed from {existing[-1]} (step {start_step})")
+    elif cfg.rl.init_from is not None and job == "sft":
+        init_from = resolve_checkpoint(cfg.rl.init_from)
+        check_same_model(cfg, init_from, "set the model section to the checkpoint's")
+        load_model_weights(init_from, model)
+        optimizer.reload_model_params()
+        log(f"starting from the weights of {init_from}")
     if start_step >= t.max_steps:
         log(f"nothing to do: the latest checkpoint is at step {start_step} >= train.max_steps ({t.max_steps})")
         return TrainResult(out, start_step, None)
@@ -161,11 +139,11 @@ def _train(cfg: Config, ctx: ParallelContext, log) -> TrainResult:
     previous_handler = signal.signal(signal.SIGTERM, on_signal)
     try:
         while step < t.max_steps:
-            batches = micro_batches(train_windows, sampler, step, ctx.dp.rank, ctx.dp.size, t.micro_batch_size)
+            batches = data.micro_batches(step, ctx.dp.rank, ctx.dp.size, t.micro_batch_size)
             record = train_step(model, optimizer, cfg, step, batches)
             step += 1
             if t.eval_every and step % t.eval_every == 0:
-                record["valid_loss"] = evaluate(model, valid_windows, cfg)
+                record.update(data.evaluate(model, cfg))
             if metrics is not None:
                 metrics.record(record)
             progress(record)
@@ -199,7 +177,7 @@ def train_step(model: ModelStages, optimizer, cfg: Config, step: int,
     optimizer.zero_grad(set_to_none=True)
 
     tokens = sum(input_ids.numel() for input_ids, _ in batches)
-    with _autocast(cfg, ctx.device):
+    with autocast(cfg, ctx.device):
         sums = model.run(batches)
     fp8 = fp8_stats(model, reset=True) if cfg.fp8.enabled else None
     if fp8 is not None:

@@ -80,3 +80,21 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ign
     loss = _VocabParallelCrossEntropy.apply(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                             ignore_index, tp)
     return loss.reshape(labels.shape)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: torch.Tensor, tp: Optional[Group] = None) -> torch.Tensor:
+    """Entropy of softmax(logits) per position, [...] (fp32), from this rank's vocabulary shard
+    [..., V/t]: H = log(sum exp z) - sum(p z), with the max, the sum of exponentials and the sum of
+    exp(z) z all-reduced (three numbers per position cross the group; never the logits). No gradient."""
+    z = logits.float()
+    max_z = z.max(dim=-1).values
+    if tp is not None and tp.size > 1:
+        tp.all_reduce(max_z, op=dist.ReduceOp.MAX)
+    shifted = z - max_z.unsqueeze(-1)
+    exp = shifted.exp()
+    stats = torch.stack((exp.sum(dim=-1), (exp * shifted).sum(dim=-1)))
+    if tp is not None and tp.size > 1:
+        tp.all_reduce(stats)
+    sum_exp, weighted = stats[0], stats[1]
+    return sum_exp.log() - weighted / sum_exp

@@ -1,0 +1,116 @@
+"""Sampling the next token from vocabulary shards, the same whatever the parallel layout.
+
+Under tensor parallelism each rank holds the logits of its vocabulary shard [B, V/t]. A token is
+sampled without gathering the logits, by the Gumbel-max trick: token = argmax_v (z_v + g_v) with
+z = logits / temperature and g_v = -log(E_v), E_v ~ Exp(1) independent per vocabulary entry, which
+samples exactly from softmax(z). Every rank takes the argmax over its shard and one all-gather of
+(best value, its id) per row picks the global winner (ties go to the smaller id). Temperature 0
+is greedy decoding (g = 0).
+
+The noise of a row comes from its own generator, seeded by a key the caller derives from (seed,
+step, prompt, sample, position), and is drawn over the *whole* vocabulary whatever the shard, so
+a row samples the same token under any tensor-, pipeline-, expert- or data-parallel layout and in
+any batch.
+
+Filters, applied to z before the noise: top-k keeps the k largest (each rank's own top-k values are
+all-gathered to find the k-th largest overall: k numbers per row and rank); top-p keeps the
+smallest set of tokens whose probability reaches p, found from the candidates' values all-gathered
+(the top-k survivors when top-k is on, else the whole shard: then, for that one position, the
+row's logits do cross the group). The reported log-probability of the sampled token is under the
+unfiltered softmax(z), as the policy's log-probability pass computes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from parallel.group import Group
+from parallel.tensor import gather_along_dim
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1 turn the filters off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def sampling_key(*parts: int) -> int:
+    """A 63-bit generator seed from integers (seed, step, prompt, sample, position, ...)."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _gumbel_noise(keys: Sequence[int], vocab_size: int, start: int, end: int, device) -> torch.Tensor:
+    """-log(Exp(1)) noise [B, end - start] for vocabulary ids [start, end), each row from its key."""
+    rows = []
+    for key in keys:
+        generator = torch.Generator().manual_seed(key)
+        rows.append(torch.empty(vocab_size).exponential_(generator=generator)[start:end])
+    return -torch.stack(rows).log().to(device)
+
+
+def _keep_top_k(z: torch.Tensor, k: int, tp: Group) -> torch.Tensor:
+    local = z.topk(min(k, z.shape[-1]), dim=-1).values
+    candidates = gather_along_dim(local, -1, tp) if tp.size > 1 else local
+    kth = candidates.topk(k, dim=-1).values[:, -1:]
+    return z.masked_fill(z < kth, float("-inf"))
+
+
+def _keep_top_p(z: torch.Tensor, p: float, candidates_per_rank: int, tp: Group) -> torch.Tensor:
+    local = z.topk(min(candidates_per_rank, z.shape[-1]), dim=-1).values
+    candidates = gather_along_dim(local, -1, tp) if tp.size > 1 else local
+    ordered = candidates.sort(dim=-1, descending=True).values
+    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+    # the first position where the cumulative mass reaches p is the last token kept
+    last = (cumulative < p).sum(dim=-1, keepdim=True).clamp(max=ordered.shape[-1] - 1)
+    threshold = ordered.gather(-1, last)
+    return z.masked_fill(z < threshold, float("-inf"))
+
+
+def _log_softmax_at(z: torch.Tensor, tokens: torch.Tensor, vocab_start: int, tp: Group) -> torch.Tensor:
+    """log softmax(z)[token] per row from vocabulary shards (z finite)."""
+    max_z = z.max(dim=-1).values
+    if tp.size > 1:
+        tp.all_reduce(max_z, op=dist.ReduceOp.MAX)
+    local = tokens - vocab_start
+    mine = (local >= 0) & (local < z.shape[-1])
+    target = z.gather(-1, local.clamp(0, z.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    stats = torch.stack(((z - max_z.unsqueeze(-1)).exp().sum(dim=-1), torch.where(mine, target, torch.zeros_like(target))))
+    if tp.size > 1:
+        tp.all_reduce(stats)
+    return stats[1] - max_z - stats[0].log()
+
+
+@torch.no_grad()
+def sample_next_tokens(logits: torch.Tensor, params: SamplingParams, keys: Sequence[int], vocab_size: int,
+                       tp: Optional[Group] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B], their log-probabilities [B]) for this rank's vocabulary shard of the next-token
+    logits [B, V/t] (a collective of the TP group). `keys[b]` seeds row b's noise (module doc)."""
+    tp = tp or Group(None, "tp")
+    shard = logits.shape[-1]
+    vocab_start = tp.rank * shard
+    raw = logits.float()
+    z = raw / params.temperature if params.temperature > 0 else raw
+    logp_source = z
+    if params.top_k > 0 and params.top_k < vocab_size:
+        z = _keep_top_k(z, params.top_k, tp)
+    if params.top_p < 1.0:
+        z = _keep_top_p(z, params.top_p, params.top_k if params.top_k > 0 else shard, tp)
+    if params.temperature > 0:
+        z = z + _gumbel_noise(keys, vocab_size, vocab_start, vocab_start + shard, z.device)
+    best, index = z.max(dim=-1)
+    ids = index + vocab_start
+    if tp.size > 1:
+        pairs = gather_along_dim(torch.stack((best.double(), ids.double()), dim=-1), -1, tp).view(len(keys), tp.size, 2)
+        top = pairs[..., 0].max(dim=-1, keepdim=True).values
+        ids = torch.where(pairs[..., 0] == top, pairs[..., 1], torch.full_like(pairs[..., 1], float(vocab_size)))
+        ids = ids.min(dim=-1).values.long()
+    return ids, _log_softmax_at(logp_source, ids, vocab_start, tp)
