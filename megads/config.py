@@ -13,6 +13,7 @@ one sentence that names the field and the rule, never a stack trace from deep in
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +270,10 @@ def _type_name(tp) -> str:
         tp, str(tp))
 
 
+# A number in exponent notation without a dot, which YAML 1.1 does not read as a float ("1e-4").
+_YAML11_FLOAT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
+
+
 def _coerce(value: Any, tp, where: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
@@ -301,6 +306,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}.")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as a string: it is the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}.")
         return float(value)

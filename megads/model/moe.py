@@ -61,12 +61,14 @@ class Router(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (selected expert ids [T, K], gates [T, K], affinities [T, E]), FP32.
 
-        `chosen` [T, K] (routing replay): use these experts instead of selecting; the gates still come
-        from this forward's affinities, so the router keeps its gradient."""
+        `chosen` [T, K] (routing replay): use these experts instead of selecting (rows of -1: select as
+        usual); the gates still come from this forward's affinities, so the router keeps its gradient."""
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        topk_idx = chosen if chosen is not None else self.select(scores)
+        topk_idx = self.select(scores)
+        if chosen is not None:
+            topk_idx = torch.where(chosen >= 0, chosen, topk_idx)
         gates = scores.gather(1, topk_idx)
         if self.norm_topk_prob:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)

@@ -68,16 +68,18 @@ class RoutingTape:
         self.chunks.append(topk_idx)
 
     def replay(self, batch: int, seq: int) -> torch.Tensor:
-        """The recorded choices of the next `seq` tokens, [batch, seq, K]."""
+        """The recorded choices of the next `seq` tokens, [batch, seq, K]; -1 for tokens past the
+        recording (a rollout that stopped early never fed its last positions: they select as usual)."""
         if len(self.chunks) > 1:
             self.chunks = [torch.cat(self.chunks, dim=1)]
         if not self.chunks:
             raise RuntimeError("routing replay: nothing was recorded for this layer.")
         tape = self.chunks[0]
-        if tape.shape[0] != batch or self.cursor + seq > tape.shape[1]:
-            raise RuntimeError(f"routing replay: the tape holds {tuple(tape.shape[:2])} (batch, tokens) from "
-                               f"token {self.cursor}; asked for batch {batch}, {seq} tokens.")
+        if tape.shape[0] != batch:
+            raise RuntimeError(f"routing replay: the tape holds {tape.shape[0]} sequences; asked for {batch}.")
         out = tape[:, self.cursor:self.cursor + seq]
+        if out.shape[1] < seq:
+            out = torch.cat([out, out.new_full((batch, seq - out.shape[1], tape.shape[2]), -1)], dim=1)
         self.cursor += seq
         return out
 

@@ -42,7 +42,8 @@ def evaluate_task(stages, problems: Sequence, rl: RLConfig, micro_batch_size: in
 
     def solved(params: SamplingParams, sample: int) -> torch.Tensor:
         keys = [(seed, EVAL_STREAM, i, sample) for i in indices]
-        rollout = generate(stages, prompts, keys, params, rl.max_new_tokens, tokenizer.eos_id, micro_batch_size)
+        rollout = generate(stages, prompts, keys, params, rl.max_new_tokens, tokenizer.eos_id, micro_batch_size,
+                           valid_vocab_size=tokenizer.vocab_size)
         texts = decode_completions(rollout.tokens[:, rollout.prompt_length:].cpu(), rollout.lengths.cpu(), tokenizer,
                                    tokenizer.eos_id)
         return torch.tensor([accuracy_reward(text, p) for text, p in zip(texts, mine)]) > 0

@@ -52,21 +52,22 @@ class Rollout:
 
 def _sample_head(stage, h: torch.Tensor, target) -> torch.Tensor:
     """The last stage's head for generation: sample each row's next token from the last position."""
-    keys, params, vocab_size = target
+    keys, params, vocab_size, valid_vocab_size = target
     model = stage.model
     logits = model.lm_head(model.norm(h[:, -1:]))[:, 0]          # this rank's vocabulary shard [B, V/t]
-    tokens, logp = sample_next_tokens(logits, params, keys, vocab_size, model.ctx.tp)
+    tokens, logp = sample_next_tokens(logits, params, keys, vocab_size, model.ctx.tp, valid_vocab_size)
     return torch.stack((tokens.double(), logp.double()), dim=-1)
 
 
 @torch.no_grad()
 def generate(stages, prompts: torch.Tensor, keys: Sequence[tuple[int, ...]], params: SamplingParams,
              max_new_tokens: int, eos_id: int, micro_batch_size: int, record_routing: bool = False,
-             world: Optional[Group] = None) -> Rollout:
+             valid_vocab_size: Optional[int] = None, world: Optional[Group] = None) -> Rollout:
     """Sample up to `max_new_tokens` after each of this rank's `prompts` [N, P] (a collective of the
     whole job: every rank calls it with the same N, P and settings). `keys[i]` identifies row i
     (e.g. (seed, step, prompt id, sample index)); the token at position p is drawn with
-    `sampling_key(*keys[i], p)`."""
+    `sampling_key(*keys[i], p)`. `valid_vocab_size`: the tokenizer's vocabulary, when the model's is
+    padded beyond it (those ids are never sampled)."""
     device = stages.ctx.device
     rows, prompt_length = prompts.shape
     if rows % micro_batch_size:
@@ -87,8 +88,8 @@ def generate(stages, prompts: torch.Tensor, keys: Sequence[tuple[int, ...]], par
     try:
         for step in range(max_new_tokens):
             position = prompt_length + step                 # of the token being sampled
-            targets = [([sampling_key(*keys[i], position) for i in range(m.start, m.stop)], params, vocab_size)
-                       for m in micro]
+            targets = [([sampling_key(*keys[i], position) for i in range(m.start, m.stop)], params, vocab_size,
+                        valid_vocab_size) for m in micro]
             out = stages.forward_only(inputs, _sample_head, (micro_batch_size, 2), targets, states,
                                       dtype=torch.float64)
             for state, chunk in zip(states, inputs):

@@ -26,11 +26,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from megads.config import LOSS_AGGREGATIONS as AGGREGATIONS  # the rl.loss_aggregation names, defined once
+
 # exp(20) ~ 4.9e8: finite in float32/bfloat16 (overflow is at exp(88.7)), far beyond any ratio a
 # sane update produces. verl clamps both the PPO log-ratio and low_var_kl's log-ratio to +-20.
 LOG_RATIO_CLAMP = 20.0
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 # --------------------------------------------------------------------------------------------

@@ -91,15 +91,21 @@ def _log_softmax_at(z: torch.Tensor, tokens: torch.Tensor, vocab_start: int, tp:
 
 @torch.no_grad()
 def sample_next_tokens(logits: torch.Tensor, params: SamplingParams, keys: Sequence[int], vocab_size: int,
-                       tp: Optional[Group] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       tp: Optional[Group] = None, valid_vocab_size: Optional[int] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B], their log-probabilities [B]) for this rank's vocabulary shard of the next-token
-    logits [B, V/t] (a collective of the TP group). `keys[b]` seeds row b's noise (module doc)."""
+    logits [B, V/t] (a collective of the TP group). `keys[b]` seeds row b's noise (module doc).
+    Ids from `valid_vocab_size` on (the model's vocabulary padded beyond the tokenizer's) are never
+    sampled."""
     tp = tp or Group(None, "tp")
     shard = logits.shape[-1]
     vocab_start = tp.rank * shard
     raw = logits.float()
     z = raw / params.temperature if params.temperature > 0 else raw
     logp_source = z
+    if valid_vocab_size is not None and valid_vocab_size < vocab_size:
+        ids = torch.arange(vocab_start, vocab_start + shard, device=z.device)
+        z = z.masked_fill(ids >= valid_vocab_size, float("-inf"))
     if params.top_k > 0 and params.top_k < vocab_size:
         z = _keep_top_k(z, params.top_k, tp)
     if params.top_p < 1.0:

@@ -1,0 +1,365 @@
+"""GRPO (`megads grpo`): DeepSeek-R1's reinforcement learning with rule-based rewards, on the
+parallel model that trains.
+
+One step, for every layout (TP, PP with any schedule, EP, DP):
+
+1. **Rollout.** `rl.prompts_per_step` train-split problems (a pure function of seed and step),
+   `rl.group_size` samples each; global row j is sample j % G of prompt j // G, and each
+   data-parallel rank generates its contiguous share of the rows, in micro-batches of
+   train.micro_batch_size, with the policy's `ModelStages` (megads.rl.generation: KV-cached,
+   absorbed MLA decode; samples keyed by (seed, step, prompt, sample, position), so they do not
+   depend on the layout). With `rl.routing_replay` the experts chosen per token are recorded.
+2. **Rewards** (megads.rl.rewards, weights from `rl.rewards`) on each rank's completions; the
+   rewards of all rows are all-gathered, so every rank forms the same group advantages
+   (megads.rl.grpo_loss; a truncated completion is kept, masked out of the loss, or given
+   `rl.truncation_penalty`, per `rl.truncated`).
+3. **Reference** log-probabilities (β > 0 only): a frozen copy of the starting policy, forward only.
+4. **Update**, `rl.policy_iterations` (μ) optimizer steps on the rollout: the policy's training
+   schedule runs the rows again (the same micro-batches, replaying the rollout's routing), and the
+   last stage turns its hidden states into log-probabilities of the sampled tokens (vocabulary-
+   parallel: the logits are never gathered) and into the clipped-surrogate loss, aggregated over
+   the *global* batch (`rl.loss_aggregation`): every micro-batch on every rank adds its share,
+   divided by global counts, so the loss and its gradient do not depend on the layout. The first
+   iteration's ratios are exactly 1 (its old log-probabilities are its own, detached); later
+   iterations use those. `logprob_gap` compares the rollout's log-probabilities with the first
+   iteration's.
+5. Metrics (metrics.jsonl, TensorBoard, console), held-out evaluation every `rl.eval_every` steps
+   (greedy pass@1 and pass@G on `rl.eval_problems` problems), checkpoints as `megads train`'s
+   (resume is exact: the sampling is keyed by the step).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megads.config import Config, ConfigError, dump_config
+from megads.data import ByteTokenizer
+from megads.fp8.convert import convert_to_fp8
+from megads.rl.encoding import decode_completions, encode_prompts
+from megads.rl.evaluation import evaluate_task
+from megads.rl.generation import Rollout, generate
+from megads.rl.grpo_loss import Normalizer, aggregate, group_advantages, grpo_token_terms, zero_variance_groups
+from megads.rl.rewards import RewardRegistry, RewardSpec, default_registry, score
+from megads.rl.sampling import SamplingParams, sampling_key
+from megads.rl.tasks import get_task
+from megads.train.checkpoint import list_checkpoints, load_checkpoint, load_model_weights, resolve_checkpoint, \
+    save_checkpoint
+from megads.train.lr_schedule import learning_rate
+from megads.train.metrics import MetricsLogger
+from megads.train.model_stages import ModelStages, Stage
+from megads.train.optimizer import build_optimizer
+from megads.train.trainer import TrainResult, check_same_model, parallel_context
+from parallel.context import ParallelContext, destroy_distributed
+from parallel.tensor import vocab_parallel_cross_entropy, vocab_parallel_entropy
+
+# What the last stage records per micro-batch: shares of global means (summed over micro-batches and ranks).
+UPDATE_METRICS = ("loss", "ppo_kl", "clip_fraction", "kl_ref", "entropy", "logprob_gap")
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def check_rl_names(cfg: Config, registry: Optional[RewardRegistry] = None) -> None:
+    """The task and reward names, checked before any process group starts (one sentence each)."""
+    try:
+        get_task(cfg.rl.task, **cfg.rl.task_options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"rl.task / rl.task_options: {err}") from None
+    try:
+        RewardSpec(cfg.rl.rewards).validate(registry or default_registry())
+    except ValueError as err:
+        raise ConfigError(f"rl.rewards: {err}") from None
+
+
+class PolicyLoss:
+    """The last stage's GRPO loss of one micro-batch (ModelStages.run's `loss`), holding what the
+    policy iterations of one rollout share: each micro-batch's old log-probabilities."""
+
+    def __init__(self, cfg: Config, norm: Normalizer, scale: float):
+        self.rl = cfg.rl
+        self.norm = norm
+        self.scale = scale              # micro-batches x DP size: undoes the executor's and ZeRO's averaging
+        self.old_logp: dict[int, torch.Tensor] = {}
+
+    def __call__(self, stage: Stage, h: torch.Tensor, batch) -> torch.Tensor:
+        _, target = batch
+        model, rl = stage.model, self.rl
+        completion = target["completion"]                              # [B, T] sampled tokens
+        prompt_length = h.shape[1] + 1 - completion.shape[1]
+        logits = model.lm_head(model.norm(h[:, prompt_length - 1:]))   # this rank's vocabulary shard
+        z = logits.float() / (rl.temperature if rl.temperature > 0 else 1.0)
+        logp = -vocab_parallel_cross_entropy(z, completion, tp=model.ctx.tp)
+        mb = int(target["microbatch"])
+        if mb not in self.old_logp:
+            self.old_logp[mb] = logp.detach()                          # the first iteration: ratio exactly 1
+        terms = grpo_token_terms(logp, self.old_logp[mb], target["advantages"], rl.epsilon_low, rl.epsilon_high,
+                                 target.get("ref_logp"), rl.beta)
+        mask = target["mask"]
+        loss = aggregate(terms.loss, mask, rl.loss_aggregation, self.norm)
+        tokens = Normalizer(tokens=self.norm.tokens, sequences=self.norm.sequences, max_length=self.norm.max_length)
+        with torch.no_grad():
+            stage.record("loss", loss)
+            stage.record("ppo_kl", aggregate(terms.ppo_kl, mask, "token-mean", tokens))
+            stage.record("clip_fraction", aggregate(terms.clipped.float(), mask, "token-mean", tokens))
+            if terms.kl_ref is not None:
+                stage.record("kl_ref", aggregate(terms.kl_ref, mask, "token-mean", tokens))
+            stage.record("entropy", aggregate(vocab_parallel_entropy(z, model.ctx.tp), mask, "token-mean", tokens))
+            stage.record("logprob_gap", aggregate((target["rollout_logp"] - logp).abs(), mask, "token-mean", tokens))
+        balance = model.balance_loss()
+        model.release_balance_losses()
+        total = loss * self.scale
+        return total if balance is None else total + balance
+
+
+def _log_probs_head(stage: Stage, h: torch.Tensor, batch) -> torch.Tensor:
+    """Forward-only head: log-probabilities of the sampled completion tokens (reference policy)."""
+    completion, temperature = batch
+    model = stage.model
+    prompt_length = h.shape[1] + 1 - completion.shape[1]
+    z = model.lm_head(model.norm(h[:, prompt_length - 1:])).float() / temperature
+    return -vocab_parallel_cross_entropy(z, completion, tp=model.ctx.tp)
+
+
+class GRPOTrainer:
+    """The state of one GRPO run on this rank (see the module doc)."""
+
+    def __init__(self, cfg: Config, ctx: ParallelContext, log, registry: Optional[RewardRegistry] = None):
+        self.cfg, self.ctx, self.log = cfg, ctx, log
+        rl, t = cfg.rl, cfg.train
+        self.task = get_task(rl.task, **rl.task_options)
+        self.spec = RewardSpec(rl.rewards)
+        self.registry = registry or default_registry()
+        self.tokenizer = ByteTokenizer()
+        self.params = SamplingParams(rl.temperature, rl.top_p, rl.top_k)
+        self.policy = ModelStages(cfg, ctx)
+        if cfg.fp8.enabled:
+            for model in self.policy.models.values():
+                convert_to_fp8(model, cfg.fp8, log=log)
+        self.policy.train()
+        self.optimizer = build_optimizer(self.policy, t, ctx)
+        self.heldout = self.task.problems("heldout", rl.eval_problems, seed=t.seed)
+        self.reference: Optional[ModelStages] = None
+        self.last_rollout: Optional[Rollout] = None
+        self.rows = rl.prompts_per_step * rl.group_size
+        self.share = self.rows // ctx.dp.size
+        self.first_row = ctx.dp.rank * self.share
+
+    # ------------------------------------------------------------------ set-up
+
+    def load(self, checkpoints_dir: Path) -> int:
+        """Resume from the run's latest checkpoint, or start from rl.init_from; returns the step."""
+        existing = list_checkpoints(checkpoints_dir)
+        init_from = resolve_checkpoint(self.cfg.rl.init_from)
+        check_same_model(self.cfg, init_from, "set the model section to the checkpoint's")
+        if self.cfg.rl.beta > 0:
+            self.reference = ModelStages(self.cfg, self.ctx)
+            load_model_weights(init_from, self.reference)
+            self.reference.eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        if existing:
+            check_same_model(self.cfg, existing[-1])
+            state = load_checkpoint(existing[-1], self.policy, self.optimizer, self.ctx)
+            self.log(f"resumed from {existing[-1]} (step {int(state['step'])})")
+            return int(state["step"])
+        load_model_weights(init_from, self.policy)
+        self.optimizer.reload_model_params()
+        self.log(f"starting from the weights of {init_from}")
+        return 0
+
+    # ------------------------------------------------------------------ one step
+
+    def problems(self, step: int) -> list:
+        return self.task.problems("train", self.cfg.rl.prompts_per_step,
+                                  seed=sampling_key(self.cfg.train.seed, step))
+
+    def rollout(self, step: int, problems: list) -> tuple[Rollout, list]:
+        rl, t = self.cfg.rl, self.cfg.train
+        rows = range(self.first_row, self.first_row + self.share)
+        mine = [problems[j // rl.group_size] for j in rows]
+        prompts = encode_prompts([p.prompt for p in mine], self.tokenizer, rl.max_prompt_length)
+        keys = [(t.seed, step, j // rl.group_size, j % rl.group_size) for j in rows]
+        rollout = generate(self.policy, prompts, keys, self.params, rl.max_new_tokens, self.tokenizer.eos_id,
+                           t.micro_batch_size, record_routing=rl.routing_replay and self.cfg.model.num_moe_layers > 0,
+                           valid_vocab_size=self.tokenizer.vocab_size)
+        return rollout, mine
+
+    def rewards(self, rollout: Rollout, mine: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(all rows' rewards [rows], all rows' accuracy [rows], all rows' truncation [rows]), the same on every rank."""
+        texts = decode_completions(rollout.tokens[:, rollout.prompt_length:].cpu(), rollout.lengths.cpu(),
+                                   self.tokenizer, self.tokenizer.eos_id)
+        total, per_function = score(texts, mine, self.spec, self.registry)
+        accuracy = per_function.get("accuracy") or score(texts, mine, [("accuracy", 1.0)])[0]
+        local = torch.tensor([total, accuracy, rollout.truncated.cpu().float().tolist()], dtype=torch.float64)
+        gathered = self.ctx.dp.all_gather_object(local)
+        everything = torch.cat(gathered, dim=1)
+        return everything[0], everything[1], everything[2] > 0
+
+    def update_batches(self, rollout: Rollout, advantages: torch.Tensor, mask: torch.Tensor,
+                       ref_logp: Optional[torch.Tensor]) -> list:
+        mbs = self.cfg.train.micro_batch_size
+        batches = []
+        for index, start in enumerate(range(0, self.share, mbs)):
+            rows = slice(start, start + mbs)
+            target = {"completion": rollout.tokens[rows, rollout.prompt_length:], "mask": mask[rows],
+                      "advantages": advantages[rows], "rollout_logp": rollout.logprobs[rows], "microbatch": index}
+            if ref_logp is not None:
+                target["ref_logp"] = ref_logp[index]
+            batches.append((rollout.tokens[rows, :-1], target))
+        return batches
+
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        mbs = self.cfg.train.micro_batch_size
+        starts = range(0, self.share, mbs)
+        temperature = self.cfg.rl.temperature if self.cfg.rl.temperature > 0 else 1.0
+        return self.reference.forward_only(
+            [rollout.tokens[s:s + mbs, :-1] for s in starts], _log_probs_head,
+            (mbs, rollout.completion_mask.shape[1]),
+            [(rollout.tokens[s:s + mbs, rollout.prompt_length:], temperature) for s in starts])
+
+    def step(self, step: int) -> dict:
+        rl, t, ctx = self.cfg.rl, self.cfg.train, self.ctx
+        started = time.perf_counter()
+        problems = self.problems(step)
+        rollout, mine = self.rollout(step, problems)
+        self.last_rollout = rollout
+        rewards, accuracy, truncated = self.rewards(rollout, mine)
+        if rl.truncated == "penalize":
+            rewards = torch.where(truncated, torch.full_like(rewards, rl.truncation_penalty), rewards)
+        grouped = rewards.view(rl.prompts_per_step, rl.group_size)
+        advantages = group_advantages(grouped, scale_by_std=rl.scale_rewards).view(-1)
+        mine_rows = slice(self.first_row, self.first_row + self.share)
+        mask = rollout.completion_mask.clone()
+        if rl.truncated == "mask":
+            mask &= ~rollout.truncated.unsqueeze(1)
+        counts = torch.tensor([mask.sum().item()], dtype=torch.float64, device=ctx.device)
+        ctx.dp.all_reduce(counts)
+        norm = Normalizer(tokens=counts.item(), sequences=float(self.rows), max_length=rl.max_new_tokens)
+        ref_logp = self.reference_logprobs(rollout) if self.reference is not None else None
+        rollout_s = time.perf_counter() - started
+
+        batches = self.update_batches(rollout, advantages[mine_rows].to(ctx.device), mask.float(), ref_logp)
+        loss = PolicyLoss(self.cfg, norm, scale=float(self.policy.num_microbatches * ctx.dp.size))
+        totals: dict[str, float] = {}
+        grad_norms = []
+        for iteration in range(rl.policy_iterations):
+            lr = learning_rate(step, t)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            states = [state.replay() for state in rollout.states] if rollout.states[0].tapes else None
+            sums = self.policy.run(batches, loss, states, metric_keys=list(UPDATE_METRICS))
+            self.policy.finish_gradients()
+            values = torch.tensor([sums.get(k, 0.0) for k in UPDATE_METRICS], dtype=torch.float64, device=ctx.device)
+            values = ctx.dp.all_reduce(values).tolist()           # shares of global means: summed
+            for key, value in zip(UPDATE_METRICS, values):
+                if key == "logprob_gap" and iteration > 0:
+                    continue                                       # the rollout is compared with the first pass
+                totals[key] = totals.get(key, 0.0) + value / (1 if key == "logprob_gap" else rl.policy_iterations)
+            result = self.optimizer.step(max_grad_norm=t.grad_clip if t.grad_clip > 0 else None)
+            grad_norms.append(result.grad_norm)
+            if not result.skipped:
+                self.policy.update_router_biases(self.cfg.model.bias_update_speed, reduce_loads=ctx.stage.sum)
+            else:
+                for moe in self.policy.moe_layers():
+                    moe.tokens_per_expert.zero_()
+        elapsed = time.perf_counter() - started
+        lengths = self.ctx.dp.all_gather_object(rollout.lengths.cpu())
+        record = {"step": step + 1, **{k: totals[k] for k in UPDATE_METRICS if k != "kl_ref"},
+                  "kl_ref": totals["kl_ref"] if rl.beta > 0 else 0.0,
+                  "reward_mean": rewards.mean().item(), "accuracy": accuracy.mean().item(),
+                  "completion_length_mean": torch.cat(lengths).float().mean().item(),
+                  "truncated_fraction": truncated.float().mean().item(),
+                  "zero_variance_groups": int(zero_variance_groups(grouped).sum().item()),
+                  "grad_norm": grad_norms[-1], "lr": lr, "rollout_s": rollout_s, "update_s": elapsed - rollout_s,
+                  "step_time_s": elapsed, "kv_cache_bytes": rollout.cache_bytes,
+                  "skipped": not all(math.isfinite(g) for g in grad_norms)}
+        return record
+
+    def evaluate(self) -> dict:
+        rl, t = self.cfg.rl, self.cfg.train
+        return evaluate_task(self.policy, self.heldout, rl, t.micro_batch_size, t.seed, samples=rl.group_size)
+
+
+def grpo(cfg: Config, log=print, registry: Optional[RewardRegistry] = None) -> TrainResult:
+    """Run (or resume) GRPO; under torchrun every rank calls this with the same config.
+    `registry`: the reward functions rl.rewards names (default: megads.rl.rewards' built-ins)."""
+    check_rl_names(cfg, registry)
+    started_here = not torch.distributed.is_initialized()
+    ctx = parallel_context(cfg, "grpo")
+    try:
+        return _grpo(cfg, ctx, log if ctx.rank == 0 else (lambda *_: None), registry)
+    finally:
+        if ctx.is_distributed and started_here:
+            destroy_distributed()
+
+
+def _grpo(cfg: Config, ctx: ParallelContext, log, registry: Optional[RewardRegistry]) -> TrainResult:
+    rl, t = cfg.rl, cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    out = Path(t.output_dir)
+    if ctx.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    torch.manual_seed(t.seed)
+    trainer = GRPOTrainer(cfg, ctx, log, registry)
+    checkpoints_dir = out / "checkpoints"
+    start_step = trainer.load(checkpoints_dir)
+    log(f"GRPO on {rl.task}: {rl.prompts_per_step} prompts x {rl.group_size} samples per step, "
+        f"{trainer.policy.num_parameters() / 1e6:.2f}M parameters on this rank, {ctx.world_size} ranks "
+        f"(PP {ctx.pp.size}, TP {ctx.tp.size}, DP {ctx.dp.size}, EP {ctx.ep.size})")
+    if start_step >= t.max_steps:
+        log(f"nothing to do: the latest checkpoint is at step {start_step} >= train.max_steps ({t.max_steps})")
+        return TrainResult(out, start_step, None)
+    if start_step == 0:
+        before = trainer.evaluate()
+        log(f"held-out before GRPO: greedy accuracy {before['eval_accuracy']:.3f}, "
+            f"pass@{rl.group_size} {before['eval_pass_at_g']:.3f} ({rl.eval_problems} problems)")
+    metrics = MetricsLogger(out, start_step, log=log) if ctx.rank == 0 else None
+    step, last_loss = start_step, None
+
+    def save(at_step: int) -> None:
+        save_checkpoint(checkpoints_dir, at_step, cfg, trainer.policy, trainer.optimizer,
+                        {"torch_rng": torch.get_rng_state()}, keep=t.keep_checkpoints, ctx=ctx)
+
+    def on_signal(signum, frame):
+        raise _StopRequested()
+
+    previous_handler = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while step < t.max_steps:
+            record = trainer.step(step)
+            step += 1
+            if (rl.eval_every and step % rl.eval_every == 0) or step == t.max_steps:
+                record.update(trainer.evaluate())
+            if metrics is not None:
+                metrics.record(record)
+            if step % t.log_every == 0 or step == t.max_steps or "eval_accuracy" in record:
+                evaluation = (f" | held-out {record['eval_accuracy']:.3f} pass@{rl.group_size} "
+                              f"{record['eval_pass_at_g']:.3f}") if "eval_accuracy" in record else ""
+                log(f"step {step}/{t.max_steps} | reward {record['reward_mean']:.3f} | accuracy "
+                    f"{record['accuracy']:.3f} | length {record['completion_length_mean']:.1f} | loss "
+                    f"{record['loss']:.4f} | kl {record['kl_ref']:.4f} | entropy {record['entropy']:.3f} | "
+                    f"rollout {record['rollout_s']:.1f}s update {record['update_s']:.1f}s{evaluation}")
+            last_loss = record["loss"]
+            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+                save(step)
+    except (KeyboardInterrupt, _StopRequested):
+        log(f"interrupted: saving a checkpoint at step {step} before exiting")
+        if step > start_step and not ctx.is_distributed:
+            save(step)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if metrics is not None:
+            metrics.close()
+    log(f"done: {step} GRPO steps; checkpoints in {checkpoints_dir}")
+    return TrainResult(out, step, last_loss)
