@@ -1,12 +1,13 @@
-# Two entry points, each doing its own set-up in .venv (Python 3.10+; no GPU needed):
+# Entry points, each doing its own set-up in .venv (Python 3.10+; no GPU needed):
 #   make train   a small DeepSeek-V3 training run on CPU (examples/configs/tiny.yaml)
 #   make test    the whole test suite
+#   make grpo    DeepSeek-R1's recipe on CPU: cold-start SFT, then GRPO (held-out accuracy before and after)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test install bench clean
+.PHONY: train test grpo install bench clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,10 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/megads train examples/configs/tiny.yaml
+
+grpo: $(STAMP)
+	$(VENV)/bin/megads sft examples/configs/sft_tiny.yaml
+	$(VENV)/bin/megads grpo examples/configs/grpo_tiny.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -67,14 +67,18 @@ class RoutingTape:
     def record(self, topk_idx: torch.Tensor) -> None:
         self.chunks.append(topk_idx)
 
+    def recorded(self) -> torch.Tensor:
+        """Everything recorded, [B, tokens, K]."""
+        if len(self.chunks) > 1:
+            self.chunks = [torch.cat(self.chunks, dim=1)]
+        return self.chunks[0]
+
     def replay(self, batch: int, seq: int) -> torch.Tensor:
         """The recorded choices of the next `seq` tokens, [batch, seq, K]; -1 for tokens past the
         recording (a rollout that stopped early never fed its last positions: they select as usual)."""
-        if len(self.chunks) > 1:
-            self.chunks = [torch.cat(self.chunks, dim=1)]
         if not self.chunks:
             raise RuntimeError("routing replay: nothing was recorded for this layer.")
-        tape = self.chunks[0]
+        tape = self.recorded()
         if tape.shape[0] != batch:
             raise RuntimeError(f"routing replay: the tape holds {tape.shape[0]} sequences; asked for {batch}.")
         out = tape[:, self.cursor:self.cursor + seq]
@@ -126,6 +130,19 @@ class PassState:
         for layer, tape in self.tapes.items():
             state.tapes[layer] = RoutingTape(replaying=True, chunks=tape.chunks)
         return state
+
+    def take_rows(self, other: "PassState", rows: torch.Tensor, first_row: int = 0) -> None:
+        """Replace the recorded routing of the rows marked in `rows` [B] (bool, the micro-batch's rows)
+        by `other`'s (a pass over the same micro-batch shape). A tape may hold a slice of the rows
+        (tensor parallelism splits a micro-batch's sequences over TP ranks): rows
+        [first_row x its rows, ...) of the micro-batch, for this rank's index `first_row`."""
+        for layer, tape in self.tapes.items():
+            mine, theirs = tape.recorded(), other.tapes[layer].recorded()
+            length = max(mine.shape[1], theirs.shape[1])
+            mine, theirs = (torch.cat([t, t.new_full((t.shape[0], length - t.shape[1], t.shape[2]), -1)], dim=1)
+                            for t in (mine, theirs))
+            local = rows[first_row * mine.shape[0]:(first_row + 1) * mine.shape[0]].to(mine.device)
+            tape.chunks = [torch.where(local[:, None, None], theirs, mine)]
 
     def cache_bytes(self) -> int:
         return sum(cache.nbytes() for cache in self.caches.values())

@@ -147,6 +147,7 @@ class GRPOTrainer:
         self.heldout = self.task.problems("heldout", rl.eval_problems, seed=t.seed)
         self.reference: Optional[ModelStages] = None
         self.last_rollout: Optional[Rollout] = None
+        self.eval_before: dict[str, float] = {}         # the held-out evaluation before the first step
         self.rows = rl.prompts_per_step * rl.group_size
         self.share = self.rows // ctx.dp.size
         self.first_row = ctx.dp.rank * self.share
@@ -167,6 +168,7 @@ class GRPOTrainer:
         if existing:
             check_same_model(self.cfg, existing[-1])
             state = load_checkpoint(existing[-1], self.policy, self.optimizer, self.ctx)
+            self.eval_before = {k: float(v) for k, v in state.get("eval_before", {}).items()}
             self.log(f"resumed from {existing[-1]} (step {int(state['step'])})")
             return int(state["step"])
         load_model_weights(init_from, self.policy)
@@ -180,12 +182,12 @@ class GRPOTrainer:
         return self.task.problems("train", self.cfg.rl.prompts_per_step,
                                   seed=sampling_key(self.cfg.train.seed, step))
 
-    def rollout(self, step: int, problems: list) -> tuple[Rollout, list]:
+    def rollout(self, step: int, problems: list, round: int = 0) -> tuple[Rollout, list]:
         rl, t = self.cfg.rl, self.cfg.train
         rows = range(self.first_row, self.first_row + self.share)
         mine = [problems[j // rl.group_size] for j in rows]
         prompts = encode_prompts([p.prompt for p in mine], self.tokenizer, rl.max_prompt_length)
-        keys = [(t.seed, step, j // rl.group_size, j % rl.group_size) for j in rows]
+        keys = [(t.seed, step, round, j // rl.group_size, j % rl.group_size) for j in rows]
         rollout = generate(self.policy, prompts, keys, self.params, rl.max_new_tokens, self.tokenizer.eos_id,
                            t.micro_batch_size, record_routing=rl.routing_replay and self.cfg.model.num_moe_layers > 0,
                            valid_vocab_size=self.tokenizer.vocab_size)
@@ -201,6 +203,49 @@ class GRPOTrainer:
         gathered = self.ctx.dp.all_gather_object(local)
         everything = torch.cat(gathered, dim=1)
         return everything[0], everything[1], everything[2] > 0
+
+    def sample_groups(self, step: int):
+        """The step's rollout and rewards; with rl.dynamic_sampling (DAPO), groups whose rewards are
+        all equal are replaced by groups of new prompts, up to rl.max_resample_rounds more rollouts.
+        Each round generates every row again (the shapes of every rank's micro-batches stay fixed)
+        and keeps only the rows of the groups it replaces. Returns (rollout, problems of this
+        rank's rows, rewards, accuracy, truncated (all rows), rounds run)."""
+        rl, t = self.cfg.rl, self.cfg.train
+        problems = self.problems(step)
+        rollout, mine = self.rollout(step, problems)
+        rewards, accuracy, truncated = self.rewards(rollout, mine)
+        rounds = 0
+        while rl.dynamic_sampling and rounds < rl.max_resample_rounds:
+            zero = zero_variance_groups(rewards.view(rl.prompts_per_step, rl.group_size))
+            if not zero.any():
+                break
+            rounds += 1
+            fresh = self.task.problems("train", rl.prompts_per_step, seed=sampling_key(t.seed, step, rounds))
+            problems = [fresh[p] if zero[p] else problems[p] for p in range(rl.prompts_per_step)]
+            extra, extra_mine = self.rollout(step, problems, rounds)
+            extra_rewards, extra_accuracy, extra_truncated = self.rewards(extra, extra_mine)
+            replace = zero.repeat_interleave(rl.group_size)
+            local = replace[self.first_row:self.first_row + self.share]
+            rollout = self._take_rows(rollout, extra, local)
+            mine = [b if r else a for a, b, r in zip(mine, extra_mine, local.tolist())]
+            rewards = torch.where(replace, extra_rewards, rewards)
+            accuracy = torch.where(replace, extra_accuracy, accuracy)
+            truncated = torch.where(replace, extra_truncated, truncated)
+        return rollout, mine, rewards, accuracy, truncated, rounds
+
+    def _take_rows(self, kept: Rollout, extra: Rollout, rows: torch.Tensor) -> Rollout:
+        """`kept` with the rows marked in `rows` (this rank's rows, bool) taken from `extra`."""
+        device = kept.tokens.device
+        pick = rows.to(device)
+        mbs = self.cfg.train.micro_batch_size
+        tp_slice = self.ctx.tp.rank if self.ctx.tp.size > 1 else 0   # MoE layers route their TP rank's rows
+        for index, state in enumerate(kept.states):
+            state.take_rows(extra.states[index], rows[index * mbs:(index + 1) * mbs], tp_slice)
+        return Rollout(torch.where(pick[:, None], extra.tokens, kept.tokens),
+                       torch.where(pick[:, None], extra.completion_mask, kept.completion_mask),
+                       torch.where(pick[:, None], extra.logprobs, kept.logprobs),
+                       torch.where(pick, extra.lengths, kept.lengths), torch.where(pick, extra.truncated, kept.truncated),
+                       kept.states, max(kept.cache_bytes, extra.cache_bytes))
 
     def update_batches(self, rollout: Rollout, advantages: torch.Tensor, mask: torch.Tensor,
                        ref_logp: Optional[torch.Tensor]) -> list:
@@ -227,10 +272,8 @@ class GRPOTrainer:
     def step(self, step: int) -> dict:
         rl, t, ctx = self.cfg.rl, self.cfg.train, self.ctx
         started = time.perf_counter()
-        problems = self.problems(step)
-        rollout, mine = self.rollout(step, problems)
+        rollout, mine, rewards, accuracy, truncated, rounds = self.sample_groups(step)
         self.last_rollout = rollout
-        rewards, accuracy, truncated = self.rewards(rollout, mine)
         if rl.truncated == "penalize":
             rewards = torch.where(truncated, torch.full_like(rewards, rl.truncation_penalty), rewards)
         grouped = rewards.view(rl.prompts_per_step, rl.group_size)
@@ -277,7 +320,7 @@ class GRPOTrainer:
                   "reward_mean": rewards.mean().item(), "accuracy": accuracy.mean().item(),
                   "completion_length_mean": torch.cat(lengths).float().mean().item(),
                   "truncated_fraction": truncated.float().mean().item(),
-                  "zero_variance_groups": int(zero_variance_groups(grouped).sum().item()),
+                  "zero_variance_groups": int(zero_variance_groups(grouped).sum().item()), "resample_rounds": rounds,
                   "grad_norm": grad_norms[-1], "lr": lr, "rollout_s": rollout_s, "update_s": elapsed - rollout_s,
                   "step_time_s": elapsed, "kv_cache_bytes": rollout.cache_bytes,
                   "skipped": not all(math.isfinite(g) for g in grad_norms)}
@@ -320,7 +363,7 @@ def _grpo(cfg: Config, ctx: ParallelContext, log, registry: Optional[RewardRegis
         log(f"nothing to do: the latest checkpoint is at step {start_step} >= train.max_steps ({t.max_steps})")
         return TrainResult(out, start_step, None)
     if start_step == 0:
-        before = trainer.evaluate()
+        trainer.eval_before = before = trainer.evaluate()
         log(f"held-out before GRPO: greedy accuracy {before['eval_accuracy']:.3f}, "
             f"pass@{rl.group_size} {before['eval_pass_at_g']:.3f} ({rl.eval_problems} problems)")
     metrics = MetricsLogger(out, start_step, log=log) if ctx.rank == 0 else None
@@ -328,7 +371,8 @@ def _grpo(cfg: Config, ctx: ParallelContext, log, registry: Optional[RewardRegis
 
     def save(at_step: int) -> None:
         save_checkpoint(checkpoints_dir, at_step, cfg, trainer.policy, trainer.optimizer,
-                        {"torch_rng": torch.get_rng_state()}, keep=t.keep_checkpoints, ctx=ctx)
+                        {"torch_rng": torch.get_rng_state(), "eval_before": trainer.eval_before},
+                        keep=t.keep_checkpoints, ctx=ctx)
 
     def on_signal(signum, frame):
         raise _StopRequested()
@@ -361,5 +405,10 @@ def _grpo(cfg: Config, ctx: ParallelContext, log, registry: Optional[RewardRegis
         signal.signal(signal.SIGTERM, previous_handler)
         if metrics is not None:
             metrics.close()
+    if trainer.eval_before and "eval_accuracy" in record:
+        before, after = trainer.eval_before, record
+        log(f"held-out greedy accuracy: {before['eval_accuracy']:.3f} before GRPO, {after['eval_accuracy']:.3f} after "
+            f"({100 * (after['eval_accuracy'] - before['eval_accuracy']):+.1f} points); pass@{rl.group_size} "
+            f"{before['eval_pass_at_g']:.3f} -> {after['eval_pass_at_g']:.3f}")
     log(f"done: {step} GRPO steps; checkpoints in {checkpoints_dir}")
     return TrainResult(out, step, last_loss)
