@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megads.config import ConfigError, config_from_dict
+from megads.config import ConfigError
 from megads.fp8 import Fp8Config, convert_to_fp8, found_nonfinite, fp8_stats, nonfinite_layers
 from megads.fp8.dispatch import Fp8DispatchCodec, dispatch_row_bytes, pack_for_dispatch, unpack_after_dispatch
 from megads.model.model import build_model, gather_full

@@ -36,7 +36,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megads.config import config_from_dict
 from megads.fp8 import Fp8ColumnParallelLinear, Fp8Config, Fp8Linear, Fp8RowParallelLinear, convert_to_fp8, fp8_stats
 from megads.model.model import build_model, gather_full
 from megads.train.optimizer import expert_parameters

@@ -36,7 +36,6 @@ import re
 import pytest
 import torch
 
-from megads.config import config_from_dict
 from megads.model.model import gather_full
 from megads.train.model_stages import ModelStages
 from megads.train.optimizer import build_optimizer, expert_parameters

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megads.config import config_from_dict
 from megads.train.model_stages import ModelStages
 from megads.train.optimizer import build_optimizer
 from megads.train.trainer import parallel_context, train_step

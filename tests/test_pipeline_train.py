@@ -22,7 +22,6 @@ import weakref
 import pytest
 import torch
 
-from megads.config import config_from_dict
 from megads.train.model_stages import ModelStages
 from megads.train.optimizer import build_optimizer
 from megads.train.trainer import parallel_context, train_step

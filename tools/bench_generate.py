@@ -12,7 +12,7 @@ same weights, the latent KV cache against a multi-head cache, and the rollout's 
    Both are forced to generate exactly --new-tokens tokens: the last vocabulary id is the
    end-of-text id for megads and is never sampled by either (megads: valid_vocab_size, transformers:
    suppress_tokens), transformers gets no eos at all. Each is warmed up once, then the median of
-   --repeats runs. tokens/s = rows x new tokens / seconds, prefill INCLUDED; the "decode only"
+   --repeats runs, the two interleaved (a change of load on a shared machine hits both alike). tokens/s = rows x new tokens / seconds, prefill INCLUDED; the "decode only"
    column removes a prefill measured alone (generate with one new token, same prompts):
    rows x (new tokens - 1) / (t(N) - t(1)). The greedy tokens of both are compared position by
    position (they should agree except after rare near-ties, after which a row's continuations differ).
@@ -35,6 +35,7 @@ Shared machines vary 10-30% between runs: compare rows of one run.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -86,17 +87,6 @@ def transformers_model(cfg: ModelConfig, megads_state: dict):
     return model.eval()
 
 
-def median_time(fn, repeats: int) -> tuple[float, object]:
-    """(median seconds of `repeats` calls after one warm-up call, the last call's result)."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def cache_nbytes(cache) -> int:
     """Bytes of the tensors a transformers cache holds (whatever its layer classes call them)."""
     total, seen = 0, set()
@@ -134,51 +124,64 @@ def bench_decode(args, model: dict) -> dict:
     def megads_run(tokens: int):
         return lambda: generate(stages, prompts, keys, greedy, tokens, never, mbs, valid_vocab_size=never)
 
+    runs = {("megads", new): megads_run(new), ("megads", 1): megads_run(1)}
     results = {"cfg": cfg}
-    seconds, rollout = median_time(megads_run(new), args.repeats)
+    if not args.skip_transformers:
+        hf = transformers_model(cfg.model, stages.models[0].state_dict())
+        with torch.no_grad():
+            ours = stages.models[0].eval()(prompts)
+            theirs = hf(input_ids=prompts).logits
+        results["logits_diff"] = (ours - theirs).abs().max().item()
+        stages.train()
+        results["hf_impl"] = (hf.config._attn_implementation, getattr(hf.config, "_experts_implementation", None))
+        mask = torch.ones_like(prompts)
+
+        def hf_run(tokens: int):
+            return lambda: hf.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=tokens,
+                                       min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=never,
+                                       suppress_tokens=[never], use_cache=True, return_dict_in_generate=True)
+
+        runs.update({("transformers", new): hf_run(new), ("transformers", 1): hf_run(1)})
+
+    # One warm-up call each, then the repeats interleaved (megads, transformers, megads, ...), so a
+    # change of load on a shared machine hits both alike.
+    last = {key: fn() for key, fn in runs.items()}
+    times: dict = {key: [] for key in runs}
+    for repeat in range(args.repeats):
+        for key, fn in runs.items():
+            start = time.perf_counter()
+            last[key] = fn()
+            times[key].append(time.perf_counter() - start)
+        print(f"  repeat {repeat + 1}: " + ", ".join(f"{name} {tokens} new {times[name, tokens][-1]:.3f}s"
+                                                   for name, tokens in runs), flush=True)
+    for name in ("megads", "transformers"):
+        if (name, new) in runs:
+            results[name] = (statistics.median(times[name, new]), statistics.median(times[name, 1]),
+                             min(times[name, new]), max(times[name, new]))
+
+    rollout = last["megads", new]
     if rollout.tokens.shape[1] - prompt_length != new or bool((rollout.lengths != new).any()):
         raise RuntimeError("megads did not generate exactly --new-tokens tokens per row")
-    prefill, _ = median_time(megads_run(1), args.repeats)
-    results["megads"] = (seconds, prefill)
     results["cache_bytes"] = rollout.cache_bytes
     results["cache_tokens"] = rows * (prompt_length + new)
-    print(f"  measured megads: {rows * new / seconds:,.0f} tokens/s", flush=True)
     if args.profile:
         print("\nmegads generate, by self CPU time:")
-        print(profile_table(megads_run(new)))
-
+        print(profile_table(runs["megads", new]))
     if args.skip_transformers:
         return results
-    hf = transformers_model(cfg.model, stages.models[0].state_dict())
-    with torch.no_grad():
-        ours = stages.models[0].eval()(prompts)
-        theirs = hf(input_ids=prompts).logits
-    results["logits_diff"] = (ours - theirs).abs().max().item()
-    stages.train()
-    mask = torch.ones_like(prompts)
 
-    def hf_run(tokens: int):
-        return lambda: hf.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=tokens,
-                                   min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=never,
-                                   suppress_tokens=[never], use_cache=True, return_dict_in_generate=True)
-
-    seconds, out = median_time(hf_run(new), args.repeats)
+    out = last["transformers", new]
     if out.sequences.shape[1] - prompt_length != new:
         raise RuntimeError(f"transformers generated {out.sequences.shape[1] - prompt_length} tokens, not {new}")
-    prefill, _ = median_time(hf_run(1), args.repeats)
-    results["transformers"] = (seconds, prefill)
-    results["hf_cache_bytes"] = cache_nbytes(out.past_key_values)
+    results["hf_cache_bytes"] = cache_nbytes(out.cache if hasattr(out, "cache") else out.past_key_values)
     results["hf_cache_tokens"] = rows * (prompt_length + new - 1)   # the last token is never fed back
-    results["hf_impl"] = (hf.config._attn_implementation, getattr(hf.config, "_experts_implementation", None))
-    print(f"  measured transformers: {rows * new / seconds:,.0f} tokens/s", flush=True)
-
     ours, theirs = rollout.tokens[:, prompt_length:], out.sequences[:, prompt_length:]
     same = ours == theirs
     first_diff = torch.where(same.all(dim=1), torch.full((rows,), new), (~same).int().argmax(dim=1))
     results["agreement"] = (int(same.sum()), same.numel(), int(same.all(dim=1).sum()), first_diff.float().mean().item())
     if args.profile:
         print("\ntransformers generate, by self CPU time:")
-        print(profile_table(hf_run(new)))
+        print(profile_table(runs["transformers", new]))
     return results
 
 
@@ -194,18 +197,18 @@ def print_decode(args, r: dict) -> None:
         attn, experts = r["hf_impl"]
         print(f"   transformers {transformers.__version__} (attention {attn}, experts {experts}); "
               f"full-forward logits max |megads - transformers| = {r['logits_diff']:.2e}")
-    print(f"{'':<13} {'generate (s)':>12} {'tokens/s':>10} {'vs transformers':>16} {'prefill (s)':>12} "
-          f"{'decode-only tok/s':>18} {'vs transformers':>16}")
+    print(f"{'':<13} {'generate (s)':>12} {'min-max (s)':>13} {'tokens/s':>10} {'vs transformers':>16} "
+          f"{'prefill (s)':>12} {'decode-only tok/s':>18} {'vs transformers':>16}")
     base = r.get("transformers")
     for name in ("transformers", "megads"):
         if name not in r:
             continue
-        seconds, prefill = r[name]
+        seconds, prefill, low, high = r[name]
         tps, decode_tps = rows * new / seconds, rows * (new - 1) / max(seconds - prefill, 1e-9)
         ratio = f"{base[0] / seconds:.2f}x" if base else "-"
         decode_ratio = f"{(base[0] - base[1]) / max(seconds - prefill, 1e-9):.2f}x" if base else "-"
-        print(f"{name:<13} {seconds:>12.3f} {tps:>10,.0f} {ratio:>16} {prefill:>12.4f} {decode_tps:>18,.0f} "
-              f"{decode_ratio:>16}")
+        print(f"{name:<13} {seconds:>12.3f} {f'{low:.3f}-{high:.3f}':>13} {tps:>10,.0f} {ratio:>16} {prefill:>12.4f} "
+              f"{decode_tps:>18,.0f} {decode_ratio:>16}")
     print("   tokens/s = rows x new tokens / generate time, prefill included; decode-only = rows x (new - 1) / "
           "(generate time - prefill time)")
     if "agreement" in r:
@@ -234,8 +237,9 @@ def print_cache(r: dict) -> None:
           f"(the cache is allocated for prompt + max_new_tokens up front)")
     if "hf_cache_bytes" in r:
         hf = r["hf_cache_bytes"] / r["hf_cache_tokens"]
-        print(f"   measured: transformers' returned cache / cached tokens = {hf:,.0f} bytes (its DeepseekV3Attention "
-              f"also caches the latent and expands it with kv_b_proj at every step)")
+        kind = ("like megads it caches the latent, and expands it with kv_b_proj over every cached token at every "
+                "step" if abs(hf - measured) < 1 else "not the latent size")
+        print(f"   measured: transformers' returned cache / cached tokens = {hf:,.0f} bytes ({kind})")
     print(f"   DeepSeek-V3 671B, bf16, one 32K-token sequence: latent {v3_sizes[0] * 32768 / 2**30:.2f} GiB, "
           f"multi-head {v3_sizes[1] * 32768 / 2**30:.1f} GiB")
 
@@ -271,7 +275,30 @@ def bench_grpo(args, model: dict) -> dict:
             if args.profile and step == args.grpo_steps:
                 print("\nGRPO step, by self CPU time:")
                 print(profile_table(lambda: trainer.step(step + 1)))
-    return {"cfg": cfg, "records": records}
+    noise_s, v3_row_s = sampling_noise_seconds(cfg, records)
+    return {"cfg": cfg, "records": records, "noise_s": noise_s, "v3_row_s": v3_row_s}
+
+
+def sampling_noise_seconds(cfg: Config, records: list) -> tuple[float, float]:
+    """(What a rollout spends drawing its Gumbel noise (megads.rl.sampling: one CPU generator per
+    row and position, over the whole vocabulary), estimated from one position's draws for every row
+    times the decode steps the rollouts ran (about rl.max_new_tokens); seconds of one row's draw at
+    DeepSeek-V3's vocabulary)."""
+    from megads.rl.sampling import _gumbel_noise, sampling_key
+
+    if cfg.rl.temperature <= 0:
+        return 0.0, 0.0
+    rows, vocab = cfg.rl.prompts_per_step * cfg.rl.group_size, cfg.model.vocab_size
+    keys = [sampling_key(0, row) for row in range(rows)]
+    _gumbel_noise(keys, vocab, 0, vocab, "cpu")
+    start = time.perf_counter()
+    _gumbel_noise(keys, vocab, 0, vocab, "cpu")
+    seconds = time.perf_counter() - start
+    steps = max(round(max(rec["completion_length_mean"] for rec in records)), cfg.rl.max_new_tokens)
+    v3_vocab = ModelConfig().vocab_size
+    start = time.perf_counter()
+    _gumbel_noise(keys[:8], v3_vocab, 0, v3_vocab, "cpu")
+    return seconds * steps, (time.perf_counter() - start) / 8
 
 
 def print_grpo(r: dict) -> None:
@@ -284,14 +311,25 @@ def print_grpo(r: dict) -> None:
           f"{rl.prompts_per_step * rl.group_size} rows, micro-batch {t.micro_batch_size}, prompt "
           f"{rl.max_prompt_length} + up to {rl.max_new_tokens} new tokens, temperature {rl.temperature}, "
           f"mean of {len(records)} steps after 1 warm-up")
-    print(f"{'part':<10} {'seconds':>8} {'share':>7}")
-    for name, value in (("rollout", rollout), ("update", update), ("step", rollout + update)):
-        print(f"{name:<10} {value:>8.3f} {value / (rollout + update):>6.1%}")
+    print(f"{'part':<10} {'seconds':>8} {'min-max (s)':>13} {'share':>7}")
+    steps = [rec["rollout_s"] + rec["update_s"] for rec in records]
+    for name, value, values in (("rollout", rollout, [rec["rollout_s"] for rec in records]),
+                                ("update", update, [rec["update_s"] for rec in records]),
+                                ("step", rollout + update, steps)):
+        spread = f"{min(values):.3f}-{max(values):.3f}"
+        print(f"{name:<10} {value:>8.3f} {spread:>13} {value / (rollout + update):>6.1%}")
+    if r["noise_s"]:
+        print(f"   of the rollout, about {r['noise_s']:.3f}s ({r['noise_s'] / rollout:.0%}) draws the sampling noise "
+              f"(megads.rl.sampling._gumbel_noise: a CPU generator per row and position, exponential_ over all "
+              f"{m.vocab_size} ids);\n   at DeepSeek-V3's vocabulary ({ModelConfig().vocab_size:,}) that is "
+              f"{r['v3_row_s'] * 1e3:.2f} ms per row per token on this CPU, drawn on the CPU even when the model "
+              f"runs on a GPU")
     print(f"   completion length mean {mean('completion_length_mean'):.1f} of {rl.max_new_tokens}, truncated "
           f"{mean('truncated_fraction'):.0%}, KV cache {mean('kv_cache_bytes') / 2**20:.2f} MiB; rollout_s includes "
           f"rewards (and the reference pass when beta > 0)")
     print("   an untrained model emits random bytes: a row stops only if it happens to draw end-of-text, and the "
-          "batch decodes\n   until every row has stopped, so each rollout runs all max_new_tokens steps (the worst case)")
+          "batch decodes\n   until every row has stopped, so each rollout runs all max_new_tokens steps "
+          "(the worst case)")
 
 
 def main() -> None:
@@ -316,14 +354,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = model_section(args.model)
 
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     decode = bench_decode(args, model)
     grpo = None if args.skip_grpo else bench_grpo(args, model)
     print_decode(args, decode)
     print_cache(decode)
     if grpo is not None:
         print_grpo(grpo)
-    print(f"\n(total {time.perf_counter() - started:.0f}s)")
+    load_after, cores = os.getloadavg()[0], os.cpu_count()
+    print(f"\n(total {time.perf_counter() - started:.0f}s; 1-minute load average {load_before:.1f} before, "
+          f"{load_after:.1f} after, {cores} cores)")
+    if max(load_before, load_after) > cores:
+        print("   the machine was busy with other work: OpenMP threads then wait for each other's time slices and "
+              "timings can be many times slower and erratic (the min-max columns); try --threads 1")
 
 
 if __name__ == "__main__":

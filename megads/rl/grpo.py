@@ -31,7 +31,6 @@ One step, for every layout (TP, PP with any schedule, EP, DP):
 from __future__ import annotations
 
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -54,16 +53,12 @@ from megads.train.lr_schedule import learning_rate
 from megads.train.metrics import MetricsLogger
 from megads.train.model_stages import ModelStages, Stage
 from megads.train.optimizer import build_optimizer
-from megads.train.trainer import TrainResult, check_same_model, parallel_context
+from megads.train.trainer import StopRequested, TrainResult, check_same_model, parallel_context, stop_on_sigterm
 from parallel.context import ParallelContext, destroy_distributed
 from parallel.tensor import vocab_parallel_cross_entropy, vocab_parallel_entropy
 
 # What the last stage records per micro-batch: shares of global means (summed over micro-batches and ranks).
 UPDATE_METRICS = ("loss", "ppo_kl", "clip_fraction", "kl_ref", "entropy", "logprob_gap")
-
-
-class _StopRequested(Exception):
-    pass
 
 
 def check_rl_names(cfg: Config, registry: Optional[RewardRegistry] = None) -> None:
@@ -374,35 +369,31 @@ def _grpo(cfg: Config, ctx: ParallelContext, log, registry: Optional[RewardRegis
                         {"torch_rng": torch.get_rng_state(), "eval_before": trainer.eval_before},
                         keep=t.keep_checkpoints, ctx=ctx)
 
-    def on_signal(signum, frame):
-        raise _StopRequested()
-
-    previous_handler = signal.signal(signal.SIGTERM, on_signal)
     try:
-        while step < t.max_steps:
-            record = trainer.step(step)
-            step += 1
-            if (rl.eval_every and step % rl.eval_every == 0) or step == t.max_steps:
-                record.update(trainer.evaluate())
-            if metrics is not None:
-                metrics.record(record)
-            if step % t.log_every == 0 or step == t.max_steps or "eval_accuracy" in record:
-                evaluation = (f" | held-out {record['eval_accuracy']:.3f} pass@{rl.group_size} "
-                              f"{record['eval_pass_at_g']:.3f}") if "eval_accuracy" in record else ""
-                log(f"step {step}/{t.max_steps} | reward {record['reward_mean']:.3f} | accuracy "
-                    f"{record['accuracy']:.3f} | length {record['completion_length_mean']:.1f} | loss "
-                    f"{record['loss']:.4f} | kl {record['kl_ref']:.4f} | entropy {record['entropy']:.3f} | "
-                    f"rollout {record['rollout_s']:.1f}s update {record['update_s']:.1f}s{evaluation}")
-            last_loss = record["loss"]
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
-                save(step)
-    except (KeyboardInterrupt, _StopRequested):
+        with stop_on_sigterm():
+            while step < t.max_steps:
+                record = trainer.step(step)
+                step += 1
+                if (rl.eval_every and step % rl.eval_every == 0) or step == t.max_steps:
+                    record.update(trainer.evaluate())
+                if metrics is not None:
+                    metrics.record(record)
+                if step % t.log_every == 0 or step == t.max_steps or "eval_accuracy" in record:
+                    evaluation = (f" | held-out {record['eval_accuracy']:.3f} pass@{rl.group_size} "
+                                  f"{record['eval_pass_at_g']:.3f}") if "eval_accuracy" in record else ""
+                    log(f"step {step}/{t.max_steps} | reward {record['reward_mean']:.3f} | accuracy "
+                        f"{record['accuracy']:.3f} | length {record['completion_length_mean']:.1f} | loss "
+                        f"{record['loss']:.4f} | kl {record['kl_ref']:.4f} | entropy {record['entropy']:.3f} | "
+                        f"rollout {record['rollout_s']:.1f}s update {record['update_s']:.1f}s{evaluation}")
+                last_loss = record["loss"]
+                if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+                    save(step)
+    except (KeyboardInterrupt, StopRequested):
         log(f"interrupted: saving a checkpoint at step {step} before exiting")
         if step > start_step and not ctx.is_distributed:
             save(step)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
         if metrics is not None:
             metrics.close()
     if trainer.eval_before and "eval_accuracy" in record:

@@ -15,8 +15,6 @@ and the greedy accuracy on `rl.eval_problems` held-out problems (`eval_accuracy`
 
 from __future__ import annotations
 
-import torch
-
 from megads.config import Config
 from megads.data import ByteTokenizer, GlobalBatchSampler
 from megads.rl.encoding import encode_demonstrations

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import math
 import random
 from dataclasses import dataclass
 

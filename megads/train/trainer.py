@@ -16,7 +16,8 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -49,8 +50,21 @@ def check_same_model(cfg: Config, ckpt: Path, advice: str = "use a new train.out
                           f"differ); {advice}.")
 
 
-class _StopRequested(Exception):
-    pass
+class StopRequested(Exception):
+    """SIGTERM arrived: the run saves a checkpoint and stops (as on Ctrl-C)."""
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Inside the block SIGTERM raises StopRequested (the previous handler is restored after it)."""
+    def on_signal(signum, frame):
+        raise StopRequested()
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 DataFactory = Callable[[Config, ParallelContext, Callable], TrainingData]
@@ -133,30 +147,26 @@ def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: 
         save_checkpoint(checkpoints_dir, at_step, cfg, model, optimizer, {"torch_rng": torch.get_rng_state()},
                         keep=t.keep_checkpoints, ctx=ctx)
 
-    def on_signal(signum, frame):
-        raise _StopRequested()
-
-    previous_handler = signal.signal(signal.SIGTERM, on_signal)
     try:
-        while step < t.max_steps:
-            batches = data.micro_batches(step, ctx.dp.rank, ctx.dp.size, t.micro_batch_size)
-            record = train_step(model, optimizer, cfg, step, batches)
-            step += 1
-            if t.eval_every and step % t.eval_every == 0:
-                record.update(data.evaluate(model, cfg))
-            if metrics is not None:
-                metrics.record(record)
-            progress(record)
-            last_loss = record["loss"]
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
-                save(step)
-    except (KeyboardInterrupt, _StopRequested):
+        with stop_on_sigterm():
+            while step < t.max_steps:
+                batches = data.micro_batches(step, ctx.dp.rank, ctx.dp.size, t.micro_batch_size)
+                record = train_step(model, optimizer, cfg, step, batches)
+                step += 1
+                if t.eval_every and step % t.eval_every == 0:
+                    record.update(data.evaluate(model, cfg))
+                if metrics is not None:
+                    metrics.record(record)
+                progress(record)
+                last_loss = record["loss"]
+                if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+                    save(step)
+    except (KeyboardInterrupt, StopRequested):
         log(f"interrupted: saving a checkpoint at step {step} before exiting")
         if step > start_step and not ctx.is_distributed:  # other ranks may not reach a collective save
             save(step)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
         if metrics is not None:
             metrics.close()
     log(f"done: {step} steps, final loss {last_loss:.4f}; checkpoints in {checkpoints_dir}")

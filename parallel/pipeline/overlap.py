@@ -88,7 +88,7 @@ import time
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable, Deque, Iterable, List, Optional, Union
+from typing import Callable, Deque, Iterable, Optional, Union
 
 import torch
 
