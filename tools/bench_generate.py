@@ -2,7 +2,7 @@
 same weights, the latent KV cache against a multi-head cache, and the rollout's share of a GRPO step.
 
     python tools/bench_generate.py [--model tiny|bench] [--rows 64] [--prompt-length 12] [--new-tokens 52]
-                                   [--micro-batch-size ROWS] [--repeats 3] [--threads 2] [--grpo-steps 3]
+                                   [--micro-batch-size ROWS] [--repeats 5] [--threads 2] [--grpo-steps 3]
                                    [--skip-transformers] [--skip-grpo] [--profile]
 
 1. Decode speed. megads: `megads.rl.generation.generate` on `ModelStages` (one process; prefill of
@@ -12,8 +12,9 @@ same weights, the latent KV cache against a multi-head cache, and the rollout's 
    Both are forced to generate exactly --new-tokens tokens: the last vocabulary id is the
    end-of-text id for megads and is never sampled by either (megads: valid_vocab_size, transformers:
    suppress_tokens), transformers gets no eos at all. Each is warmed up once, then the median of
-   --repeats runs, the two interleaved (a change of load on a shared machine hits both alike). tokens/s = rows x new tokens / seconds, prefill INCLUDED; the "decode only"
-   column removes a prefill measured alone (generate with one new token, same prompts):
+   --repeats runs, the two interleaved (a change of load on a shared machine hits both alike).
+   tokens/s = rows x new tokens / seconds, prefill INCLUDED; the "decode only" column removes a
+   prefill measured alone (generate with one new token, same prompts):
    rows x (new tokens - 1) / (t(N) - t(1)). The greedy tokens of both are compared position by
    position (they should agree except after rare near-ties, after which a row's continuations differ).
 2. KV-cache bytes per token (all layers): megads' latent cache ((kv_lora_rank + qk_rope_head_dim)
@@ -341,7 +342,7 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=12)
     parser.add_argument("--new-tokens", type=int, default=52)
     parser.add_argument("--micro-batch-size", type=int, default=None, help="megads' micro-batch (default: --rows)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median), after one warm-up")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median), after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--grpo-steps", type=int, default=3, help="measured GRPO steps (after one warm-up step)")
     parser.add_argument("--skip-transformers", action="store_true")

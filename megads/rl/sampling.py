@@ -7,10 +7,10 @@ samples exactly from softmax(z). Every rank takes the argmax over its shard and 
 (best value, its id) per row picks the global winner (ties go to the smaller id). Temperature 0
 is greedy decoding (g = 0).
 
-The noise of a row comes from its own generator, seeded by a key the caller derives from (seed,
-step, prompt, sample, position), and is drawn over the *whole* vocabulary whatever the shard, so
-a row samples the same token under any tensor-, pipeline-, expert- or data-parallel layout and in
-any batch.
+The noise of a row is a counter-based hash of (the row's key, token id), the key derived by the
+caller from (seed, step, prompt, sample, position): each rank computes it on its device for its
+own shard only, and an id gets the same noise whatever the shard, so a row samples the same token
+under any tensor-, pipeline-, expert- or data-parallel layout and in any batch.
 
 Filters, applied to z before the noise: top-k keeps the k largest (each rank's own top-k values are
 all-gathered to find the k-th largest overall: k numbers per row and rank); top-p keeps the
@@ -48,13 +48,27 @@ def sampling_key(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _gumbel_noise(keys: Sequence[int], vocab_size: int, start: int, end: int, device) -> torch.Tensor:
-    """-log(Exp(1)) noise [B, end - start] for vocabulary ids [start, end), each row from its key."""
-    rows = []
-    for key in keys:
-        generator = torch.Generator().manual_seed(key)
-        rows.append(torch.empty(vocab_size).exponential_(generator=generator)[start:end])
-    return -torch.stack(rows).log().to(device)
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (Thomas Mueller's) of int64 tensors holding values < 2^32; products stay
+    below 2^63, so nothing overflows."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _gumbel_noise(keys: Sequence[int], start: int, end: int, device) -> torch.Tensor:
+    """-log(-log(U)) noise [B, end - start] for vocabulary ids [start, end): U is a counter-based hash
+    of (row key, token id), computed on the device for this shard only, so every id's noise is the
+    same whatever the shard it falls in."""
+    key = torch.tensor(list(keys), dtype=torch.int64, device=device)
+    row = _hash32(_hash32(key >> 32) ^ (key & _MASK32))
+    ids = torch.arange(start, end, dtype=torch.int64, device=device)
+    bits = _hash32(_hash32(row[:, None] ^ ids[None, :]) ^ row[:, None])
+    uniform = (bits.double() + 0.5) / 2.0 ** 32
+    return -(-uniform.log()).log().float()
 
 
 def _keep_top_k(z: torch.Tensor, k: int, tp: Group) -> torch.Tensor:
@@ -111,7 +125,7 @@ def sample_next_tokens(logits: torch.Tensor, params: SamplingParams, keys: Seque
     if params.top_p < 1.0:
         z = _keep_top_p(z, params.top_p, params.top_k if params.top_k > 0 else shard, tp)
     if params.temperature > 0:
-        z = z + _gumbel_noise(keys, vocab_size, vocab_start, vocab_start + shard, z.device)
+        z = z + _gumbel_noise(keys, vocab_start, vocab_start + shard, z.device)
     best, index = z.max(dim=-1)
     ids = index + vocab_start
     if tp.size > 1:

@@ -149,6 +149,8 @@ class ModelStages:
             chunk.record = self._record
         self._sums: dict[str, torch.Tensor] = {}
         self._loss: Callable = Stage.loss                      # the last stage's loss of the running step
+        self._head: Callable = Stage.lm_loss                   # the last stage's head of the running forward-only pass
+        self._forward_executors: dict[tuple[int, int, int], PipelineExecutor] = {}
         # The embedding copy on the last stage that lives on another rank than stage 0's: its
         # gradient is exchanged with the first stage's.
         self._tied_embedding_peer: Optional[int] = None
@@ -265,11 +267,15 @@ class ModelStages:
         Returns them stacked [micro-batches, *output_shape] on every rank of the pipeline.
         `states[mb]` (optional) is this rank's own per-micro-batch state, never communicated,
         which every stage module receives (`PipelineExecutor.run`)."""
-        schedule = forward_only(self.schedule, len(inputs))
         batch, seq = inputs[0].shape
-        last_stage_head = lambda h, target: head(self.chunks[self._last_chunk], h, target)  # noqa: E731
-        executor = PipelineExecutor(schedule, self.ctx.pp.rank, self.chunks, last_stage_head,
-                                    self.ctx.pp, self.ctx.device, activation_meta=self._activation_meta(batch, seq))
+        shape = (len(inputs), batch, seq)
+        executor = self._forward_executors.get(shape)
+        if executor is None:     # one per shape: a decode step reuses it (building one walks the parameters)
+            schedule = forward_only(self.schedule, len(inputs))
+            executor = PipelineExecutor(schedule, self.ctx.pp.rank, self.chunks, self._forward_head, self.ctx.pp,
+                                        self.ctx.device, activation_meta=self._activation_meta(batch, seq))
+            self._forward_executors[shape] = executor
+        self._head = head
         outputs = executor.run(inputs, targets if targets is not None else [None] * len(inputs), states)
         # Each micro-batch's result is on the rank that ran its last stage; the sum over the pipeline
         # (zeros elsewhere) puts every result on every rank.
@@ -278,6 +284,9 @@ class ModelStages:
             if out is not None:
                 stacked[mb] = out.to(dtype)
         return self.ctx.pp.all_reduce(stacked)
+
+    def _forward_head(self, h: torch.Tensor, target) -> torch.Tensor:
+        return self._head(self.chunks[self._last_chunk], h, target)
 
     def evaluate_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Mean LM loss of `batches` (micro-batches), forward only through the stages; the same
