@@ -281,9 +281,9 @@ def bench_grpo(args, model: dict) -> dict:
 
 
 def sampling_noise_seconds(cfg: Config, records: list) -> tuple[float, float]:
-    """(What a rollout spends drawing its Gumbel noise (megads.rl.sampling: one CPU generator per
-    row and position, over the whole vocabulary), estimated from one position's draws for every row
-    times the decode steps the rollouts ran (about rl.max_new_tokens); seconds of one row's draw at
+    """(What a rollout spends computing its Gumbel noise (megads.rl.sampling: a counter-based hash of
+    (row key, token id) over the vocabulary), estimated from one position's noise for every row
+    times the decode steps the rollouts ran (about rl.max_new_tokens); seconds of one row's noise at
     DeepSeek-V3's vocabulary)."""
     from megads.rl.sampling import _gumbel_noise, sampling_key
 
@@ -291,14 +291,14 @@ def sampling_noise_seconds(cfg: Config, records: list) -> tuple[float, float]:
         return 0.0, 0.0
     rows, vocab = cfg.rl.prompts_per_step * cfg.rl.group_size, cfg.model.vocab_size
     keys = [sampling_key(0, row) for row in range(rows)]
-    _gumbel_noise(keys, vocab, 0, vocab, "cpu")
+    _gumbel_noise(keys, 0, vocab, "cpu")
     start = time.perf_counter()
-    _gumbel_noise(keys, vocab, 0, vocab, "cpu")
+    _gumbel_noise(keys, 0, vocab, "cpu")
     seconds = time.perf_counter() - start
     steps = max(round(max(rec["completion_length_mean"] for rec in records)), cfg.rl.max_new_tokens)
     v3_vocab = ModelConfig().vocab_size
     start = time.perf_counter()
-    _gumbel_noise(keys[:8], v3_vocab, 0, v3_vocab, "cpu")
+    _gumbel_noise(keys[:8], 0, v3_vocab, "cpu")
     return seconds * steps, (time.perf_counter() - start) / 8
 
 
@@ -321,10 +321,9 @@ def print_grpo(r: dict) -> None:
         print(f"{name:<10} {value:>8.3f} {spread:>13} {value / (rollout + update):>6.1%}")
     if r["noise_s"]:
         print(f"   of the rollout, about {r['noise_s']:.3f}s ({r['noise_s'] / rollout:.0%}) draws the sampling noise "
-              f"(megads.rl.sampling._gumbel_noise: a CPU generator per row and position, exponential_ over all "
-              f"{m.vocab_size} ids);\n   at DeepSeek-V3's vocabulary ({ModelConfig().vocab_size:,}) that is "
-              f"{r['v3_row_s'] * 1e3:.2f} ms per row per token on this CPU, drawn on the CPU even when the model "
-              f"runs on a GPU")
+              f"(megads.rl.sampling._gumbel_noise: a hash of (row key, token id) over all {m.vocab_size} ids, on "
+              f"the model's device);\n   at DeepSeek-V3's vocabulary ({ModelConfig().vocab_size:,}) that is "
+              f"{r['v3_row_s'] * 1e3:.2f} ms per row per token on this CPU")
     print(f"   completion length mean {mean('completion_length_mean'):.1f} of {rl.max_new_tokens}, truncated "
           f"{mean('truncated_fraction'):.0%}, KV cache {mean('kv_cache_bytes') / 2**20:.2f} MiB; rollout_s includes "
           f"rewards (and the reference pass when beta > 0)")
