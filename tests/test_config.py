@@ -269,13 +269,19 @@ def test_bad_override_syntax(item):
         apply_overrides({}, [item])
 
 
+def test_exponent_without_a_dot_is_a_number():
+    """YAML 1.1 (PyYAML) reads 1e-3 as a string; a float field takes it as the number it means."""
+    cfg = load_config(None, ["train.lr=1e-3", "train.min_lr=5E-4", "fp8.eps=1e-10", "rl.beta=+2e-3"])
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.fp8.eps, cfg.rl.beta) == (1e-3, 5e-4, 1e-10, 2e-3)
+
+
 @pytest.mark.parametrize("override, field", [
     ("train.max_stepz=20", "train.max_stepz"),
     ("trian.max_steps=20", "trian"),
     ("train.max_steps=abc", "train.max_steps"),
     ("train.max_steps=", "train.max_steps"),     # empty value is null, not an integer
     ("train.max_steps=2.5", "train.max_steps"),
-    ("train.lr=1e-3", "train.lr"),               # YAML 1.1: '1e-3' is a string
+    ("train.lr=fast", "train.lr"),
     ("model.scoring_func=relu", "model.scoring_func"),
     ("model.topk_group=5", "model.topk_group"),
 ])
