@@ -62,7 +62,8 @@ UPDATE_METRICS = ("loss", "ppo_kl", "clip_fraction", "kl_ref", "entropy", "logpr
 
 
 def check_rl_names(cfg: Config, registry: Optional[RewardRegistry] = None) -> None:
-    """The task and reward names, checked before any process group starts (one sentence each)."""
+    """The task and reward names and the starting checkpoint (present, same model shape), checked
+    before any process group starts (one sentence each)."""
     try:
         get_task(cfg.rl.task, **cfg.rl.task_options)
     except (ValueError, TypeError) as err:
@@ -71,6 +72,8 @@ def check_rl_names(cfg: Config, registry: Optional[RewardRegistry] = None) -> No
         RewardSpec(cfg.rl.rewards).validate(registry or default_registry())
     except ValueError as err:
         raise ConfigError(f"rl.rewards: {err}") from None
+    if cfg.rl.init_from is not None:
+        check_same_model(cfg, resolve_checkpoint(cfg.rl.init_from), "set the model section to the checkpoint's")
 
 
 class PolicyLoss:
