@@ -13,6 +13,7 @@ one sentence that names the field and the rule, never a stack trace from deep in
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -310,6 +311,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
             return float(value)  # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as a string: it is the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}.")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -275,6 +275,13 @@ def test_exponent_without_a_dot_is_a_number():
     assert (cfg.train.lr, cfg.train.min_lr, cfg.fp8.eps, cfg.rl.beta) == (1e-3, 5e-4, 1e-10, 2e-3)
 
 
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.lr=-.inf", "train.lr=.nan", "train.grad_clip=.inf",
+                                      "rl.beta=.nan", "model.rms_norm_eps=.inf"])
+def test_non_finite_numbers_are_rejected(override):
+    with pytest.raises(ConfigError, match=f"{override.split('=')[0]} must be a finite number"):
+        load_config(None, [override])
+
+
 @pytest.mark.parametrize("override, field", [
     ("train.max_stepz=20", "train.max_stepz"),
     ("trian.max_steps=20", "trian"),
