@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -31,6 +31,7 @@ from megads.train.metrics import MetricsLogger, ProgressPrinter
 from megads.train.model_stages import ModelStages
 from megads.train.optimizer import build_optimizer
 from parallel.context import ParallelContext, destroy_distributed, world_size_from_environment
+from parallel.zero1 import DistributedOptimizer
 
 
 @dataclass
@@ -77,13 +78,62 @@ def train(cfg: Config, log=print, data: DataFactory = CorpusData.build, job: str
     task's demonstrations); `job` names the command for the config rules ("train", "sft").
     The process group is started here if torchrun launched us and none exists, and then also
     destroyed at the end; a caller's own process group is left to the caller."""
+    return run_job(cfg, job, log, lambda ctx, rank_log: _train(cfg, ctx, rank_log, data, job))
+
+
+def run_job(cfg: Config, job: str, log, body: Callable[[ParallelContext, Callable], TrainResult]) -> TrainResult:
+    """Validate, start the process groups (if torchrun launched us and none exists: then also
+    destroyed at the end; a caller's own process group is left to the caller) and run
+    `body(ctx, log)`, the log printing on rank 0 only."""
     started_here = not torch.distributed.is_initialized()
     ctx = parallel_context(cfg, job)
     try:
-        return _train(cfg, ctx, log if ctx.rank == 0 else (lambda *_: None), data, job)
+        return body(ctx, log if ctx.rank == 0 else (lambda *_: None))
     finally:
         if ctx.is_distributed and started_here:
             destroy_distributed()
+
+
+def prepare_output(cfg: Config, ctx: ParallelContext) -> Path:
+    """What a run sets up first: its threads, and (rank 0) its output directory with config.yaml."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    out = Path(cfg.train.output_dir)
+    if ctx.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    return out
+
+
+def build_training_model(cfg: Config, ctx: ParallelContext, log) -> tuple[ModelStages, DistributedOptimizer]:
+    """This rank's stages (converted to FP8 with fp8.enabled) in training mode, and their optimizer."""
+    model = ModelStages(cfg, ctx)
+    if cfg.fp8.enabled:
+        for stage_model in model.models.values():
+            convert_to_fp8(stage_model, cfg.fp8, log=log)
+    model.train()
+    return model, build_optimizer(model, cfg.train, ctx)
+
+
+def restore(cfg: Config, ctx: ParallelContext, model: ModelStages, optimizer, checkpoints_dir: Path, log,
+            init_from: Optional[str] = None) -> Optional[dict]:
+    """Resume from the run's latest checkpoint (weights, this rank's optimizer shard, torch's RNG)
+    and return the trainer state saved with it; with none, start from the weights of `init_from`
+    (a checkpoint or run directory) when given, and return None."""
+    existing = list_checkpoints(checkpoints_dir)
+    if existing:
+        check_same_model(cfg, existing[-1])
+        state = load_checkpoint(existing[-1], model, optimizer, ctx)
+        torch.set_rng_state(state["torch_rng"])
+        log(f"resumed from {existing[-1]} (step {int(state['step'])})")
+        return state
+    if init_from is not None:
+        source = resolve_checkpoint(init_from)
+        check_same_model(cfg, source, "set the model section to the checkpoint's")
+        load_model_weights(source, model)
+        optimizer.reload_model_params()
+        log(f"starting from the weights of {source}")
+    return None
 
 
 def parallel_context(cfg: Config, job: str = "train") -> ParallelContext:
@@ -96,22 +146,11 @@ def parallel_context(cfg: Config, job: str = "train") -> ParallelContext:
 
 def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: str) -> TrainResult:
     t = cfg.train
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    out = Path(t.output_dir)
-    if ctx.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
-
+    out = prepare_output(cfg, ctx)
     data = make_data(cfg, ctx, log)
 
     torch.manual_seed(t.seed)
-    model = ModelStages(cfg, ctx)
-    if cfg.fp8.enabled:
-        for stage_model in model.models.values():
-            convert_to_fp8(stage_model, cfg.fp8, log=log)
-    model.train()
-    optimizer = build_optimizer(model, t, ctx)
+    model, optimizer = build_training_model(cfg, ctx, log)
     sp = " (SP)" if ctx.sequence_parallel else ""
     pp = ""
     if ctx.pp.size > 1:
@@ -120,21 +159,9 @@ def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: 
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on this rank; layout: {ctx.world_size} ranks = "
         f"{pp}TP {ctx.tp.size}{sp} x DP {ctx.dp.size} (EP {ctx.ep.size}); data: {data.description}")
 
-    start_step = 0
     checkpoints_dir = out / "checkpoints"
-    existing = list_checkpoints(checkpoints_dir)
-    if existing:
-        check_same_model(cfg, existing[-1])
-        state = load_checkpoint(existing[-1], model, optimizer, ctx)
-        start_step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
-        log(f"resumed from {existing[-1]} (step {start_step})")
-    elif cfg.rl.init_from is not None and job == "sft":
-        init_from = resolve_checkpoint(cfg.rl.init_from)
-        check_same_model(cfg, init_from, "set the model section to the checkpoint's")
-        load_model_weights(init_from, model)
-        optimizer.reload_model_params()
-        log(f"starting from the weights of {init_from}")
+    state = restore(cfg, ctx, model, optimizer, checkpoints_dir, log, cfg.rl.init_from if job == "sft" else None)
+    start_step = int(state["step"]) if state is not None else 0
     if start_step >= t.max_steps:
         log(f"nothing to do: the latest checkpoint is at step {start_step} >= train.max_steps ({t.max_steps})")
         return TrainResult(out, start_step, None)
