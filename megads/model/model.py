@@ -136,9 +136,9 @@ class DeepSeekV3(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def positions(self, seq_length: int, device: torch.device):
-        """Rotary (cos, sin) for positions 0..seq_length-1 (the full sequence, also under SP)."""
-        return self.rotary(torch.arange(seq_length, device=device))
+    def positions(self, seq_length: int, device: torch.device, start: int = 0):
+        """Rotary (cos, sin) for positions start..start+seq_length-1 (the full sequence, also under SP)."""
+        return self.rotary(torch.arange(start, start + seq_length, device=device))
 
     def forward_stage(self, x: torch.Tensor, state: Optional[PassState] = None) -> torch.Tensor:
         """This module's part of the forward: the output of its last transformer block (before the
@@ -152,20 +152,22 @@ class DeepSeekV3(nn.Module):
             h, seq_length = self.embed_tokens(x), x.shape[1]
         else:
             h, seq_length = x, self.ctx.full_sequence_length(x.shape[1])
-        if state is None:
-            cos, sin = self.positions(seq_length, x.device)
-        else:
-            if self.ctx.sequence_parallel:
-                raise NotImplementedError("a pass with a PassState (generation, routing replay) does not run "
-                                          "under sequence parallelism.")
-            cos, sin = self.rotary(torch.arange(state.start, state.start + seq_length, device=x.device))
+        if state is not None and self.ctx.sequence_parallel:
+            raise NotImplementedError("a pass with a PassState (generation, routing replay) does not run "
+                                      "under sequence parallelism.")
+        cos, sin = self.positions(seq_length, x.device, state.start if state is not None else 0)
         for layer in self.layers.values():
             h = layer(h, cos, sin, state)
         return h
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, S, vocab] for input_ids [B, S] (the main model; MTP is training-only)."""
-        return gather_from_tp_region(self.lm_head(self.norm(self.forward_stage(input_ids))), self.ctx.tp)
+        return gather_from_tp_region(self.vocab_logits(self.forward_stage(input_ids)), self.ctx.tp)
+
+    def vocab_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head's logits of this rank's vocabulary shard [..., V/t] from the last block's
+        output h (the last stage; under SP h is this rank's chunk and the head gathers the sequence)."""
+        return self.lm_head(self.norm(h))
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the output head on already-normed hidden states.

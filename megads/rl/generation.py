@@ -54,7 +54,7 @@ def _sample_head(stage, h: torch.Tensor, target) -> torch.Tensor:
     """The last stage's head for generation: sample each row's next token from the last position."""
     keys, params, vocab_size, valid_vocab_size = target
     model = stage.model
-    logits = model.lm_head(model.norm(h[:, -1:]))[:, 0]          # this rank's vocabulary shard [B, V/t]
+    logits = model.vocab_logits(h[:, -1:])[:, 0]                  # this rank's vocabulary shard [B, V/t]
     tokens, logp = sample_next_tokens(logits, params, keys, vocab_size, model.ctx.tp, valid_vocab_size)
     return torch.stack((tokens.double(), logp.double()), dim=-1)
 

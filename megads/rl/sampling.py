@@ -71,17 +71,18 @@ def _gumbel_noise(keys: Sequence[int], start: int, end: int, device) -> torch.Te
     return -(-uniform.log()).log().float()
 
 
+def _top_values(z: torch.Tensor, k: int, tp: Group) -> torch.Tensor:
+    """Each row's k largest values from every TP rank's shard, [B, t x k] (k numbers per rank cross)."""
+    return gather_along_dim(z.topk(min(k, z.shape[-1]), dim=-1).values, -1, tp)
+
+
 def _keep_top_k(z: torch.Tensor, k: int, tp: Group) -> torch.Tensor:
-    local = z.topk(min(k, z.shape[-1]), dim=-1).values
-    candidates = gather_along_dim(local, -1, tp) if tp.size > 1 else local
-    kth = candidates.topk(k, dim=-1).values[:, -1:]
+    kth = _top_values(z, k, tp).topk(k, dim=-1).values[:, -1:]
     return z.masked_fill(z < kth, float("-inf"))
 
 
 def _keep_top_p(z: torch.Tensor, p: float, candidates_per_rank: int, tp: Group) -> torch.Tensor:
-    local = z.topk(min(candidates_per_rank, z.shape[-1]), dim=-1).values
-    candidates = gather_along_dim(local, -1, tp) if tp.size > 1 else local
-    ordered = candidates.sort(dim=-1, descending=True).values
+    ordered = _top_values(z, candidates_per_rank, tp).sort(dim=-1, descending=True).values
     cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
     # the first position where the cumulative mass reaches p is the last token kept
     last = (cumulative < p).sum(dim=-1, keepdim=True).clamp(max=ordered.shape[-1] - 1)
