@@ -37,9 +37,8 @@ from typing import Optional
 
 import torch
 
-from megads.config import Config, ConfigError, dump_config
+from megads.config import Config, ConfigError
 from megads.data import ByteTokenizer
-from megads.fp8.convert import convert_to_fp8
 from megads.rl.encoding import decode_completions, encode_prompts
 from megads.rl.evaluation import evaluate_task
 from megads.rl.generation import Rollout, generate
@@ -47,14 +46,13 @@ from megads.rl.grpo_loss import Normalizer, aggregate, group_advantages, grpo_to
 from megads.rl.rewards import RewardRegistry, RewardSpec, default_registry, score
 from megads.rl.sampling import SamplingParams, sampling_key
 from megads.rl.tasks import get_task
-from megads.train.checkpoint import list_checkpoints, load_checkpoint, load_model_weights, resolve_checkpoint, \
-    save_checkpoint
+from megads.train.checkpoint import load_model_weights, resolve_checkpoint, save_checkpoint
 from megads.train.lr_schedule import learning_rate
 from megads.train.metrics import MetricsLogger
 from megads.train.model_stages import ModelStages, Stage
-from megads.train.optimizer import build_optimizer
-from megads.train.trainer import StopRequested, TrainResult, check_same_model, parallel_context, stop_on_sigterm
-from parallel.context import ParallelContext, destroy_distributed
+from megads.train.trainer import (StopRequested, TrainResult, build_training_model, check_same_model, prepare_output,
+                                  restore, run_job, stop_on_sigterm)
+from parallel.context import ParallelContext
 from parallel.tensor import vocab_parallel_cross_entropy, vocab_parallel_entropy
 
 # What the last stage records per micro-batch: shares of global means (summed over micro-batches and ranks).
@@ -89,11 +87,7 @@ class PolicyLoss:
     def __call__(self, stage: Stage, h: torch.Tensor, batch) -> torch.Tensor:
         _, target = batch
         model, rl = stage.model, self.rl
-        completion = target["completion"]                              # [B, T] sampled tokens
-        prompt_length = h.shape[1] + 1 - completion.shape[1]
-        logits = model.lm_head(model.norm(h[:, prompt_length - 1:]))   # this rank's vocabulary shard
-        z = logits.float() / (rl.temperature if rl.temperature > 0 else 1.0)
-        logp = -vocab_parallel_cross_entropy(z, completion, tp=model.ctx.tp)
+        logp, z = completion_logprobs(model, h, target["completion"], rl.temperature)
         mb = int(target["microbatch"])
         if mb not in self.old_logp:
             self.old_logp[mb] = logp.detach()                          # the first iteration: ratio exactly 1
@@ -101,28 +95,36 @@ class PolicyLoss:
                                  target.get("ref_logp"), rl.beta)
         mask = target["mask"]
         loss = aggregate(terms.loss, mask, rl.loss_aggregation, self.norm)
-        tokens = Normalizer(tokens=self.norm.tokens, sequences=self.norm.sequences, max_length=self.norm.max_length)
         with torch.no_grad():
+            token_mean = lambda values: aggregate(values, mask, "token-mean", self.norm)  # noqa: E731
             stage.record("loss", loss)
-            stage.record("ppo_kl", aggregate(terms.ppo_kl, mask, "token-mean", tokens))
-            stage.record("clip_fraction", aggregate(terms.clipped.float(), mask, "token-mean", tokens))
+            stage.record("ppo_kl", token_mean(terms.ppo_kl))
+            stage.record("clip_fraction", token_mean(terms.clipped.float()))
             if terms.kl_ref is not None:
-                stage.record("kl_ref", aggregate(terms.kl_ref, mask, "token-mean", tokens))
-            stage.record("entropy", aggregate(vocab_parallel_entropy(z, model.ctx.tp), mask, "token-mean", tokens))
-            stage.record("logprob_gap", aggregate((target["rollout_logp"] - logp).abs(), mask, "token-mean", tokens))
+                stage.record("kl_ref", token_mean(terms.kl_ref))
+            stage.record("entropy", token_mean(vocab_parallel_entropy(z, model.ctx.tp)))
+            stage.record("logprob_gap", token_mean((target["rollout_logp"] - logp).abs()))
         balance = model.balance_loss()
         model.release_balance_losses()
         total = loss * self.scale
         return total if balance is None else total + balance
 
 
+def completion_logprobs(model, h: torch.Tensor, completion: torch.Tensor, temperature: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities [B, T] of the completion tokens, the temperature-scaled logits of this rank's
+    vocabulary shard [B, T, V/t]) from the last block's output h of a sequence that ends with them
+    (the rollout's distribution: temperature 0, greedy, scores at temperature 1)."""
+    prompt_length = h.shape[1] + 1 - completion.shape[1]
+    logits = model.vocab_logits(h[:, prompt_length - 1:])
+    z = logits.float() / (temperature if temperature > 0 else 1.0)
+    return -vocab_parallel_cross_entropy(z, completion, tp=model.ctx.tp), z
+
+
 def _log_probs_head(stage: Stage, h: torch.Tensor, batch) -> torch.Tensor:
     """Forward-only head: log-probabilities of the sampled completion tokens (reference policy)."""
     completion, temperature = batch
-    model = stage.model
-    prompt_length = h.shape[1] + 1 - completion.shape[1]
-    z = model.lm_head(model.norm(h[:, prompt_length - 1:])).float() / temperature
-    return -vocab_parallel_cross_entropy(z, completion, tp=model.ctx.tp)
+    return completion_logprobs(stage.model, h, completion, temperature)[0]
 
 
 class GRPOTrainer:
@@ -136,12 +138,7 @@ class GRPOTrainer:
         self.registry = registry or default_registry()
         self.tokenizer = ByteTokenizer()
         self.params = SamplingParams(rl.temperature, rl.top_p, rl.top_k)
-        self.policy = ModelStages(cfg, ctx)
-        if cfg.fp8.enabled:
-            for model in self.policy.models.values():
-                convert_to_fp8(model, cfg.fp8, log=log)
-        self.policy.train()
-        self.optimizer = build_optimizer(self.policy, t, ctx)
+        self.policy, self.optimizer = build_training_model(cfg, ctx, log)
         self.heldout = self.task.problems("heldout", rl.eval_problems, seed=t.seed)
         self.reference: Optional[ModelStages] = None
         self.last_rollout: Optional[Rollout] = None
@@ -154,25 +151,17 @@ class GRPOTrainer:
 
     def load(self, checkpoints_dir: Path) -> int:
         """Resume from the run's latest checkpoint, or start from rl.init_from; returns the step."""
-        existing = list_checkpoints(checkpoints_dir)
-        init_from = resolve_checkpoint(self.cfg.rl.init_from)
-        check_same_model(self.cfg, init_from, "set the model section to the checkpoint's")
         if self.cfg.rl.beta > 0:
             self.reference = ModelStages(self.cfg, self.ctx)
-            load_model_weights(init_from, self.reference)
+            load_model_weights(resolve_checkpoint(self.cfg.rl.init_from), self.reference)
             self.reference.eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
-        if existing:
-            check_same_model(self.cfg, existing[-1])
-            state = load_checkpoint(existing[-1], self.policy, self.optimizer, self.ctx)
-            self.eval_before = {k: float(v) for k, v in state.get("eval_before", {}).items()}
-            self.log(f"resumed from {existing[-1]} (step {int(state['step'])})")
-            return int(state["step"])
-        load_model_weights(init_from, self.policy)
-        self.optimizer.reload_model_params()
-        self.log(f"starting from the weights of {init_from}")
-        return 0
+        state = restore(self.cfg, self.ctx, self.policy, self.optimizer, checkpoints_dir, self.log, self.cfg.rl.init_from)
+        if state is None:
+            return 0
+        self.eval_before = {k: float(v) for k, v in state.get("eval_before", {}).items()}
+        return int(state["step"])
 
     # ------------------------------------------------------------------ one step
 
@@ -191,45 +180,45 @@ class GRPOTrainer:
                            valid_vocab_size=self.tokenizer.vocab_size)
         return rollout, mine
 
-    def rewards(self, rollout: Rollout, mine: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(all rows' rewards [rows], all rows' accuracy [rows], all rows' truncation [rows]), the same on every rank."""
+    def rewards(self, rollout: Rollout, mine: list) -> tuple[torch.Tensor, ...]:
+        """All rows' (rewards, accuracy, truncation, completion lengths), each [rows], the same on every
+        rank (one all-gather)."""
         texts = decode_completions(rollout.tokens[:, rollout.prompt_length:].cpu(), rollout.lengths.cpu(),
                                    self.tokenizer, self.tokenizer.eos_id)
         total, per_function = score(texts, mine, self.spec, self.registry)
         accuracy = per_function.get("accuracy") or score(texts, mine, [("accuracy", 1.0)])[0]
-        local = torch.tensor([total, accuracy, rollout.truncated.cpu().float().tolist()], dtype=torch.float64)
-        gathered = self.ctx.dp.all_gather_object(local)
-        everything = torch.cat(gathered, dim=1)
-        return everything[0], everything[1], everything[2] > 0
+        local = torch.tensor([total, accuracy, rollout.truncated.cpu().float().tolist(), rollout.lengths.cpu().tolist()],
+                             dtype=torch.float64)
+        everything = torch.cat(self.ctx.dp.all_gather_object(local), dim=1)
+        return everything[0], everything[1], everything[2] > 0, everything[3]
 
     def sample_groups(self, step: int):
         """The step's rollout and rewards; with rl.dynamic_sampling (DAPO), groups whose rewards are
         all equal are replaced by groups of new prompts, up to rl.max_resample_rounds more rollouts.
         Each round generates every row again (the shapes of every rank's micro-batches stay fixed)
         and keeps only the rows of the groups it replaces. Returns (rollout, problems of this
-        rank's rows, rewards, accuracy, truncated (all rows), rounds run)."""
+        rank's rows, all rows' (rewards, accuracy, truncation, lengths) as `rewards` gives them, rounds
+        run)."""
         rl, t = self.cfg.rl, self.cfg.train
         problems = self.problems(step)
         rollout, mine = self.rollout(step, problems)
-        rewards, accuracy, truncated = self.rewards(rollout, mine)
+        stats = self.rewards(rollout, mine)
         rounds = 0
         while rl.dynamic_sampling and rounds < rl.max_resample_rounds:
-            zero = zero_variance_groups(rewards.view(rl.prompts_per_step, rl.group_size))
+            zero = zero_variance_groups(stats[0].view(rl.prompts_per_step, rl.group_size))
             if not zero.any():
                 break
             rounds += 1
             fresh = self.task.problems("train", rl.prompts_per_step, seed=sampling_key(t.seed, step, rounds))
             problems = [fresh[p] if zero[p] else problems[p] for p in range(rl.prompts_per_step)]
             extra, extra_mine = self.rollout(step, problems, rounds)
-            extra_rewards, extra_accuracy, extra_truncated = self.rewards(extra, extra_mine)
+            extra_stats = self.rewards(extra, extra_mine)
             replace = zero.repeat_interleave(rl.group_size)
             local = replace[self.first_row:self.first_row + self.share]
             rollout = self._take_rows(rollout, extra, local)
             mine = [b if r else a for a, b, r in zip(mine, extra_mine, local.tolist())]
-            rewards = torch.where(replace, extra_rewards, rewards)
-            accuracy = torch.where(replace, extra_accuracy, accuracy)
-            truncated = torch.where(replace, extra_truncated, truncated)
-        return rollout, mine, rewards, accuracy, truncated, rounds
+            stats = tuple(torch.where(replace, new, old) for old, new in zip(stats, extra_stats))
+        return rollout, mine, stats, rounds
 
     def _take_rows(self, kept: Rollout, extra: Rollout, rows: torch.Tensor) -> Rollout:
         """`kept` with the rows marked in `rows` (this rank's rows, bool) taken from `extra`."""
@@ -261,7 +250,7 @@ class GRPOTrainer:
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         mbs = self.cfg.train.micro_batch_size
         starts = range(0, self.share, mbs)
-        temperature = self.cfg.rl.temperature if self.cfg.rl.temperature > 0 else 1.0
+        temperature = self.cfg.rl.temperature
         return self.reference.forward_only(
             [rollout.tokens[s:s + mbs, :-1] for s in starts], _log_probs_head,
             (mbs, rollout.completion_mask.shape[1]),
@@ -270,7 +259,7 @@ class GRPOTrainer:
     def step(self, step: int) -> dict:
         rl, t, ctx = self.cfg.rl, self.cfg.train, self.ctx
         started = time.perf_counter()
-        rollout, mine, rewards, accuracy, truncated, rounds = self.sample_groups(step)
+        rollout, mine, (rewards, accuracy, truncated, lengths), rounds = self.sample_groups(step)
         self.last_rollout = rollout
         if rl.truncated == "penalize":
             rewards = torch.where(truncated, torch.full_like(rewards, rl.truncation_penalty), rewards)
@@ -312,11 +301,10 @@ class GRPOTrainer:
                 for moe in self.policy.moe_layers():
                     moe.tokens_per_expert.zero_()
         elapsed = time.perf_counter() - started
-        lengths = self.ctx.dp.all_gather_object(rollout.lengths.cpu())
         record = {"step": step + 1, **{k: totals[k] for k in UPDATE_METRICS if k != "kl_ref"},
                   "kl_ref": totals["kl_ref"] if rl.beta > 0 else 0.0,
                   "reward_mean": rewards.mean().item(), "accuracy": accuracy.mean().item(),
-                  "completion_length_mean": torch.cat(lengths).float().mean().item(),
+                  "completion_length_mean": lengths.mean().item(),
                   "truncated_fraction": truncated.float().mean().item(),
                   "zero_variance_groups": int(zero_variance_groups(grouped).sum().item()), "resample_rounds": rounds,
                   "grad_norm": grad_norms[-1], "lr": lr, "rollout_s": rollout_s, "update_s": elapsed - rollout_s,
@@ -333,23 +321,12 @@ def grpo(cfg: Config, log=print, registry: Optional[RewardRegistry] = None) -> T
     """Run (or resume) GRPO; under torchrun every rank calls this with the same config.
     `registry`: the reward functions rl.rewards names (default: megads.rl.rewards' built-ins)."""
     check_rl_names(cfg, registry)
-    started_here = not torch.distributed.is_initialized()
-    ctx = parallel_context(cfg, "grpo")
-    try:
-        return _grpo(cfg, ctx, log if ctx.rank == 0 else (lambda *_: None), registry)
-    finally:
-        if ctx.is_distributed and started_here:
-            destroy_distributed()
+    return run_job(cfg, "grpo", log, lambda ctx, rank_log: _grpo(cfg, ctx, rank_log, registry))
 
 
 def _grpo(cfg: Config, ctx: ParallelContext, log, registry: Optional[RewardRegistry]) -> TrainResult:
     rl, t = cfg.rl, cfg.train
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    out = Path(t.output_dir)
-    if ctx.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+    out = prepare_output(cfg, ctx)
     torch.manual_seed(t.seed)
     trainer = GRPOTrainer(cfg, ctx, log, registry)
     checkpoints_dir = out / "checkpoints"
