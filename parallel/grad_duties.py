@@ -20,6 +20,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from parallel.data_parallel import allreduce_gradients
+
 PARTIAL_GRAD_OVER = "partial_grad_over"
 
 
@@ -45,8 +47,6 @@ def partial_grad_group(param: torch.Tensor):
 def sum_partial_grads(params: Iterable[nn.Parameter], ctx) -> None:
     """Sum the `.grad` of every declared parameter over its group (a collective of those groups:
     every rank calls it with the same parameters in the same order). No-op at group size 1."""
-    from parallel.data_parallel import allreduce_gradients
-
     by_group: dict[str, list[nn.Parameter]] = {}
     for p in params:
         name = partial_grad_group(p)

@@ -111,7 +111,6 @@ def create_twins(groups: Iterable) -> None:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, sorted(mine))
     everyone = sorted({(tuple(ranks), backend) for part in gathered for ranks, backend in part})
-    me = dist.get_rank()
     for ranks, backend in everyone:
         twin = dist.new_group(list(ranks), backend=backend)       # every rank, same order
         if (ranks, backend) not in mine:
@@ -120,6 +119,5 @@ def create_twins(groups: Iterable) -> None:
         # twin different group ranks (and so different shards) on the same process.
         if sorted(ranks) != list(ranks):
             raise RuntimeError(f"cannot twin a group whose ranks {list(ranks)} are not in ascending group-rank order.")
-        assert me in ranks
         for group in mine[(ranks, backend)]:
             group.twin = twin

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -22,6 +23,8 @@ from megads.train.trainer import train_step
 from parallel.context import GROUP_NAMES, ParallelContext
 from parallel.group import Group
 from parallel.zero1_buckets import DEFAULT_BUCKET_SIZE, plan_buckets
+from test_layouts import MODEL
+from test_layouts import TRAIN as LAYOUT_TRAIN
 from tiny_model import tiny_config
 from tools.harness.comm_stats import KINDS, count_collectives
 from tools.harness.distributed import run_distributed
@@ -117,7 +120,9 @@ def test_counts_every_group_collective_with_exact_bytes():
         assert set(s.by_kind()) == set(KINDS)
         assert s.bytes("all_reduce") == 15 * F32 + 3 * F64 and s.calls("all_reduce", "tp") == 1
         assert s.total_bytes == sum(b for _, b in by_group.values())
-        assert s.seconds() > 0 and "send_recv" in s.table(per=2)
+        # the call times add up per kind (their values are wall time: benchmarks look at them, not tests)
+        assert s.seconds() == pytest.approx(sum(v.seconds for v in s.by_kind().values()), rel=1e-12, abs=0)
+        assert "send_recv" in s.table(per=2)
         assert {key: (v.calls, v.bytes) for key, v in inner.by_group().items()} == {
             ("all_reduce", "pair"): (1, 2 * F32), ("all_reduce", "dp"): (1, 5 * F32)}
         # the observer dp had before the block saw every dp collective, in order, and still sees them after
@@ -128,13 +133,7 @@ def test_counts_every_group_collective_with_exact_bytes():
 
 # ============================================================================ a real training step
 
-MODEL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=64,
-             num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-             v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
-             n_group=2, topk_group=1, routed_scaling_factor=2.0, num_nextn_predict_layers=1, aux_loss_alpha=0.01,
-             bias_update_speed=0.01)
-TRAIN = dict(global_batch_size=4, micro_batch_size=2, seq_length=16, lr=0.01, warmup_steps=1, max_steps=1,
-             grad_clip=1.0, seed=7)
+TRAIN = {**LAYOUT_TRAIN, "max_steps": 1, "grad_clip": 1.0}     # test_layouts' model and batch, one step
 
 
 def _padded_bucket_bytes(params, group_size: int) -> int:
