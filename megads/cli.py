@@ -13,6 +13,8 @@ import argparse
 import sys
 
 from megads.config import ConfigError, describe_fields, load_config
+from megads.errors import RunFailure
+from parallel.group import CollectiveError
 from megads.shards import CheckpointFormatError
 
 
@@ -26,10 +28,7 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.set)
     from megads.train.trainer import train  # imported late: `--help` should not pay for torch
 
-    try:
-        train(cfg)
-    except KeyboardInterrupt:
-        return 130
+    train(cfg)
     return 0
 
 
@@ -43,10 +42,7 @@ def _post_train(args) -> int:
         from megads.rl.sft import sft as run
     else:
         from megads.rl.grpo import grpo as run
-    try:
-        run(cfg)
-    except KeyboardInterrupt:
-        return 130
+    run(cfg)
     return 0
 
 
@@ -96,13 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; its errors are one line on stderr. Exit status: 0 done, 1 error, 2 configuration
+    error, 128 + N stopped by signal N after saving a checkpoint (143: SIGTERM, 130: Ctrl-C; rerun
+    the same command to resume), 130 also for a second Ctrl-C (stopped at once, nothing saved)."""
     args = build_parser().parse_args(argv)
+    from megads.train.stopping import Interrupted
+
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"megads {args.command}: configuration error: {err}", file=sys.stderr)
         return 2
-    except (CheckpointFormatError, FileExistsError, FileNotFoundError) as err:
+    except Interrupted as stop:
+        print(f"megads {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_status
+    except KeyboardInterrupt:
+        print(f"megads {args.command}: interrupted; the latest complete checkpoint is unchanged.", file=sys.stderr)
+        return 130
+    except (CheckpointFormatError, RunFailure, CollectiveError, OSError) as err:
         print(f"megads {args.command}: {err}", file=sys.stderr)
         return 1
 

@@ -118,6 +118,9 @@ class ParallelConfig:
                        "expert all-to-all running while the other computes.")
     micro_batches: Optional[int] = _f(
         None, "Micro-batches per step; null: global_batch_size / (micro_batch_size x DP).")
+    collective_timeout_s: float = _f(
+        600.0, "Seconds a collective may wait for the other ranks before the run fails with an error (a rank that "
+               "died must not leave the others hanging); the first collectives, while ranks start, get the same.")
 
 
 @dataclass
@@ -189,6 +192,9 @@ class TrainConfig:
     eval_every: int = _f(0, "Evaluate the validation loss every N steps (0: never).")
     eval_batches: int = _f(4, "Micro-batches per validation-loss evaluation.")
     num_threads: Optional[int] = _f(None, "torch intra-op threads on CPU; null: torch's default.")
+    max_skipped_steps: int = _f(
+        20, "Stop with an error after this many consecutive skipped steps (non-finite loss, gradient or update: "
+            "never applied); 0: never stop for that.")
 
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -483,7 +489,8 @@ def _model_rules(m: ModelConfig):
 def _train_rules(t: TrainConfig):
     for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_length", "log_every", "eval_batches"):
         yield getattr(t, name) >= 1, f"train.{name} must be at least 1, got {getattr(t, name)}."
-    for name in ("save_every", "keep_checkpoints", "eval_every", "warmup_steps", "weight_decay", "grad_clip"):
+    for name in ("save_every", "keep_checkpoints", "eval_every", "warmup_steps", "weight_decay", "grad_clip",
+                 "max_skipped_steps"):
         yield getattr(t, name) >= 0, f"train.{name} must not be negative, got {getattr(t, name)}."
     yield t.global_batch_size % max(t.micro_batch_size, 1) == 0, (
         f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.micro_batch_size "
@@ -526,6 +533,7 @@ def _parallel_rules(p: ParallelConfig, m: ModelConfig, t: TrainConfig):
         yield getattr(p, name) >= 1, f"parallel.{name} must be at least 1, got {getattr(p, name)}."
     yield p.schedule in SCHEDULES, f"parallel.schedule must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}."
     yield p.micro_batches is None or p.micro_batches >= 1, "parallel.micro_batches must be null or at least 1."
+    yield p.collective_timeout_s > 0, f"parallel.collective_timeout_s must be positive, got {p.collective_timeout_s}."
     tp = max(p.tensor_parallel, 1)
     yield m.num_attention_heads % tp == 0, (
         f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by parallel.tensor_parallel ({tp}).")

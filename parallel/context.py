@@ -31,6 +31,7 @@ for and TP > 1.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -132,16 +133,18 @@ class ParallelContext:
 
     @classmethod
     def create(cls, tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1,
-               sequence_parallel: bool = False) -> "ParallelContext":
+               sequence_parallel: bool = False, timeout_s: float = 600.0) -> "ParallelContext":
         """Start torch.distributed if a launcher asked for several ranks, and build the groups.
 
-        The caller has validated the layout against the world size (megads.config.validate)."""
+        `timeout_s`: how long any collective waits for the other ranks before failing (so a rank
+        that died does not leave the others hanging). The caller has validated the layout against
+        the world size (megads.config.validate)."""
         world_size = world_size_from_environment()
         if world_size == 1 and not dist.is_initialized():
             return cls.single()
         device = device_for(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            start_process_group("nccl" if device.type == "cuda" else "gloo", timedelta(seconds=timeout_s))
 
         from megatron.core import parallel_state as ps  # slow to import: only for multi-rank runs
 
@@ -150,12 +153,33 @@ class ParallelContext:
         ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
                                      pipeline_model_parallel_size=pipeline_parallel,
                                      expert_model_parallel_size=expert_parallel,
-                                     expert_tensor_parallel_size=1)
+                                     expert_tensor_parallel_size=1,
+                                     distributed_timeout_minutes=timeout_s / 60)
         return cls.from_groups(device=device, sequence_parallel=sequence_parallel,
                                tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
                                dp=ps.get_data_parallel_group(), ep=ps.get_expert_model_parallel_group(),
                                edp=ps.get_expert_data_parallel_group(),
                                stage=ps.get_tensor_and_data_parallel_group(), model=ps.get_model_parallel_group())
+
+
+def start_process_group(backend: str, timeout: timedelta) -> None:
+    """torch.distributed's default process group from the launcher's environment (env://).
+
+    Under torchrun each restart attempt (`--max-restarts`) gets its own key prefix in the launcher's
+    store: without it, the ranks of a restarted attempt can read the addresses the previous
+    attempt's ranks left there and fail to connect (seen with gloo once megatron-core's groups
+    had been created)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); otherwise rank 0 does.
+    hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=hosts_store, timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"megads/attempt_{attempt}", store), rank=rank,
+                            world_size=world_size, timeout=timeout)
 
 
 def destroy_distributed() -> None:

@@ -12,6 +12,9 @@ place:
   communicates on a *twin* of each group (same ranks, another process group): ``twin`` is set by
   `parallel.twin_groups.create_twins`, and every collective resolves which of the two to use when
   it is issued (``lanes``, the context's `Lanes`, knows the calling thread's lane).
+* **Failures.** A collective that fails (another rank died, hangs past the process group's
+  timeout, or the network failed) raises `CollectiveError`, one sentence naming the group and the
+  operation, instead of a backend's multi-line message.
 * **Measurement.** ``observer`` (None unless a tool sets one) is called after every collective
   with ``(kind, nbytes, seconds, group)``: ``tools/harness/comm_stats.py`` counts bytes per group
   through it, without patching torch.distributed.
@@ -23,6 +26,7 @@ reduce-scatter, the whole input for all-to-all, the tensor sent or received for 
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -35,6 +39,17 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 Observer = Callable[[str, int, float, "Group"], None]
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: another rank stopped, hangs, or the network failed."""
+
+
+def _backend_reason(err: BaseException) -> str:
+    """The backend's reason without its source location and advice: "Connection reset by peer"."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)          # gloo's "[.../pair.cc:537] "
+    return text.split(". ")[0].rstrip(".")
 
 
 class Group:
@@ -86,11 +101,15 @@ class Group:
     # ------------------------------------------------------------------ collectives
 
     def _observed(self, kind: str, nbytes: int, call: Callable[[], Any]) -> Any:
-        if self.observer is None:
-            return call()
         start = time.perf_counter()
-        result = call()
-        self.observer(kind, nbytes, time.perf_counter() - start, self)
+        try:
+            result = call()
+        except RuntimeError as err:
+            raise CollectiveError(
+                f"A {kind} over the {self.name or 'process'} group (ranks {self.ranks()}) failed, most likely because "
+                f"another rank stopped (see its log): {_backend_reason(err)}.") from err
+        if self.observer is not None:
+            self.observer(kind, nbytes, time.perf_counter() - start, self)
         return result
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -142,6 +161,11 @@ class Group:
         out: list = [None] * self.size
         self._observed("all_gather_object", 0, lambda: dist.all_gather_object(out, obj, group=self.current()))
         return out
+
+    def first_reported(self, message: Optional[str]) -> Optional[str]:
+        """The first non-None `message` of the ranks (in group-rank order), the same on every rank:
+        how ranks agree that one of them failed, so that all stop at the same point."""
+        return next((m for m in self.all_gather_object(message) if m is not None), None)
 
     def barrier(self) -> None:
         if self.size > 1:

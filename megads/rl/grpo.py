@@ -46,12 +46,13 @@ from megads.rl.grpo_loss import Normalizer, aggregate, group_advantages, grpo_to
 from megads.rl.rewards import RewardRegistry, RewardSpec, default_registry, score
 from megads.rl.sampling import SamplingParams, sampling_key
 from megads.rl.tasks import get_task
-from megads.train.checkpoint import load_model_weights, resolve_checkpoint, save_checkpoint
+from megads.train.checkpoint import load_model_weights, resolve_checkpoint, save_checkpoint, verify_checkpoint
 from megads.train.lr_schedule import learning_rate
 from megads.train.metrics import MetricsLogger
 from megads.train.model_stages import ModelStages, Stage
-from megads.train.trainer import (StopRequested, TrainResult, build_training_model, check_same_model, prepare_output,
-                                  restore, run_job, stop_on_sigterm)
+from megads.train.step_loop import run_steps
+from megads.train.trainer import (TrainResult, build_training_model, check_same_model, prepare_output, restore,
+                                  run_job)
 from parallel.context import ParallelContext
 from parallel.tensor import vocab_parallel_cross_entropy, vocab_parallel_entropy
 
@@ -153,7 +154,9 @@ class GRPOTrainer:
         """Resume from the run's latest checkpoint, or start from rl.init_from; returns the step."""
         if self.cfg.rl.beta > 0:
             self.reference = ModelStages(self.cfg, self.ctx)
-            load_model_weights(resolve_checkpoint(self.cfg.rl.init_from), self.reference)
+            source = resolve_checkpoint(self.cfg.rl.init_from)
+            verify_checkpoint(source, self.ctx)
+            load_model_weights(source, self.reference)
             self.reference.eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
@@ -342,37 +345,30 @@ def _grpo(cfg: Config, ctx: ParallelContext, log, registry: Optional[RewardRegis
         log(f"held-out before GRPO: greedy accuracy {before['eval_accuracy']:.3f}, "
             f"pass@{rl.group_size} {before['eval_pass_at_g']:.3f} ({rl.eval_problems} problems)")
     metrics = MetricsLogger(out, start_step, log=log) if ctx.rank == 0 else None
-    step, last_loss = start_step, None
 
-    def save(at_step: int) -> None:
-        save_checkpoint(checkpoints_dir, at_step, cfg, trainer.policy, trainer.optimizer,
-                        {"torch_rng": torch.get_rng_state(), "eval_before": trainer.eval_before},
-                        keep=t.keep_checkpoints, ctx=ctx)
+    def take_step(step: int) -> dict:
+        record = trainer.step(step)
+        if (rl.eval_every and (step + 1) % rl.eval_every == 0) or step + 1 == t.max_steps:
+            record.update(trainer.evaluate())
+        return record
+
+    def report(record: dict) -> None:
+        step = record["step"]
+        if step % t.log_every == 0 or step == t.max_steps or "eval_accuracy" in record:
+            evaluation = (f" | held-out {record['eval_accuracy']:.3f} pass@{rl.group_size} "
+                          f"{record['eval_pass_at_g']:.3f}") if "eval_accuracy" in record else ""
+            log(f"step {step}/{t.max_steps} | reward {record['reward_mean']:.3f} | accuracy "
+                f"{record['accuracy']:.3f} | length {record['completion_length_mean']:.1f} | loss "
+                f"{record['loss']:.4f} | kl {record['kl_ref']:.4f} | entropy {record['entropy']:.3f} | "
+                f"rollout {record['rollout_s']:.1f}s update {record['update_s']:.1f}s{evaluation}")
+
+    def save(at_step: int) -> Path:
+        return save_checkpoint(checkpoints_dir, at_step, cfg, trainer.policy, trainer.optimizer,
+                               {"torch_rng": torch.get_rng_state(), "eval_before": trainer.eval_before},
+                               keep=t.keep_checkpoints, ctx=ctx)
 
     try:
-        with stop_on_sigterm():
-            while step < t.max_steps:
-                record = trainer.step(step)
-                step += 1
-                if (rl.eval_every and step % rl.eval_every == 0) or step == t.max_steps:
-                    record.update(trainer.evaluate())
-                if metrics is not None:
-                    metrics.record(record)
-                if step % t.log_every == 0 or step == t.max_steps or "eval_accuracy" in record:
-                    evaluation = (f" | held-out {record['eval_accuracy']:.3f} pass@{rl.group_size} "
-                                  f"{record['eval_pass_at_g']:.3f}") if "eval_accuracy" in record else ""
-                    log(f"step {step}/{t.max_steps} | reward {record['reward_mean']:.3f} | accuracy "
-                        f"{record['accuracy']:.3f} | length {record['completion_length_mean']:.1f} | loss "
-                        f"{record['loss']:.4f} | kl {record['kl_ref']:.4f} | entropy {record['entropy']:.3f} | "
-                        f"rollout {record['rollout_s']:.1f}s update {record['update_s']:.1f}s{evaluation}")
-                last_loss = record["loss"]
-                if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
-                    save(step)
-    except (KeyboardInterrupt, StopRequested):
-        log(f"interrupted: saving a checkpoint at step {step} before exiting")
-        if step > start_step and not ctx.is_distributed:
-            save(step)
-        raise
+        step, record = run_steps(cfg, ctx, start_step, take_step, save, metrics, report, log)
     finally:
         if metrics is not None:
             metrics.close()
@@ -382,4 +378,4 @@ def _grpo(cfg: Config, ctx: ParallelContext, log, registry: Optional[RewardRegis
             f"({100 * (after['eval_accuracy'] - before['eval_accuracy']):+.1f} points); pass@{rl.group_size} "
             f"{before['eval_pass_at_g']:.3f} -> {after['eval_pass_at_g']:.3f}")
     log(f"done: {step} GRPO steps; checkpoints in {checkpoints_dir}")
-    return TrainResult(out, step, last_loss)
+    return TrainResult(out, step, record["loss"])

@@ -1,4 +1,4 @@
-"""Checkpoints: `OUTPUT_DIR/checkpoints/step_N/`, written atomically, loaded safely.
+"""Checkpoints: `OUTPUT_DIR/checkpoints/step_N/`, written atomically, verified on load.
 
 Layout of one checkpoint directory (also what `megads import-hf` produces, without the training
 state):
@@ -7,63 +7,47 @@ state):
     model/               safetensors of the full (unsharded) model state, megads parameter names
     optimizer/rank_R.pt  each rank's optimizer shard (ZeRO-1; torch.save, loaded with weights_only=True)
     trainer_state.pt     step, RNG states, anything else the loop needs to resume bit for bit
-    COMPLETE             JSON manifest (step, every file with its size) written last
+    COMPLETE             JSON manifest written last: step, every file with its size and sha256
 
-Everything is written into a temporary sibling directory that is renamed into place only once
-complete, so a crash mid-save leaves the previous checkpoint as the latest one. Loading checks the
-manifest, and a missing or truncated file is an error that names it.
+`step_N` holds exactly the state after N optimizer steps (the training loop saves only between
+steps). Everything is written into a temporary sibling directory that is renamed into place only
+once complete, so a crash mid-save leaves the previous checkpoint as the latest one; a save that
+fails (full disk, read-only directory, a non-finite weight) is an error on every rank, naming the
+file, and leaves the previous checkpoint in place. Loading checks every file against the manifest
+(megads.train.manifest): a missing, truncated or damaged file is an error that names it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from megads.config import Config, dump_config, load_config
+from megads.errors import RunFailure
 from megads.shards import CheckpointFormatError, ShardedReader, ShardedWriter, merge_indexes
+from megads.train.manifest import MANIFEST, files_under, find_damage, seal_files, verify_manifest, write_manifest  # noqa: F401 (verify_manifest: re-exported)
 from parallel.context import ParallelContext
+from parallel.group import Group
 
-MANIFEST = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_PARTIAL_DIR = re.compile(r"^\.step_(\d+)\.tmp$")
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+class CheckpointWriteError(RunFailure):
+    """A checkpoint could not be written (full disk, read-only directory, non-finite weights); the
+    message names the file, and the previous checkpoint is left as it was."""
 
 
-def write_manifest(directory: Path, step: Optional[int]) -> None:
-    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
-    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
-
-
-def verify_manifest(directory: Path) -> dict:
-    """Raise CheckpointFormatError unless every file the manifest lists is present with its size."""
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointFormatError(f"{directory} is not a complete checkpoint (no {MANIFEST} manifest): "
-                                    f"the save that wrote it did not finish.")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointFormatError(f"{manifest_path} is corrupt (not JSON).") from None
-    for name, size in manifest["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointFormatError(f"Checkpoint file {path} is missing.")
-        if path.stat().st_size != size:
-            raise CheckpointFormatError(
-                f"Checkpoint file {path} has {path.stat().st_size} bytes, the manifest says {size}: it is truncated or corrupt.")
-    return manifest
+def describe_error(err: BaseException, path: Optional[Path] = None) -> str:
+    """One sentence for an error met while writing or reading `path`."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename or path}: {err.strerror}"
+    return f"{path}: {err}" if path is not None else str(err)
 
 
 def write_model_weights(directory: Path, named_tensors, max_shard_bytes: Optional[int] = None,
@@ -74,54 +58,125 @@ def write_model_weights(directory: Path, named_tensors, max_shard_bytes: Optiona
             writer.add(name, tensor)
 
 
-def finalize_directory(tmp: Path, final: Path, step: Optional[int]) -> None:
-    """Write the manifest, flush to disk and move `tmp` to `final` (replacing an older one)."""
-    write_manifest(tmp, step)
-    _fsync_tree(tmp)
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def finalize_directory(tmp: Path, final: Path, step: Optional[int], entries: Optional[dict] = None) -> None:
+    """Seal every file of `tmp` not in `entries` (checksum and flush), write the manifest and move
+    `tmp` to `final` (replacing an older one)."""
+    entries = dict(entries or {})
+    entries.update(seal_files(tmp, [name for name in files_under(tmp) if name not in entries]))
+    write_manifest(tmp, step, entries)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync_directory(final.parent)
+
+
+def _attempt(action: Callable[[], None], path: Path) -> Optional[str]:
+    """Run `action`; None if it worked, else a sentence saying what failed on `path`."""
+    try:
+        action()
+        return None
+    except CheckpointFormatError as err:  # e.g. a non-finite tensor: its own sentence
+        return str(err).rstrip(".")
+    except (OSError, RuntimeError, ValueError) as err:  # torch.save reports a full disk as RuntimeError
+        return describe_error(err, path)
 
 
 def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model, optimizer, trainer_state: dict,
                     keep: int = 0, ctx: Optional[ParallelContext] = None) -> Path:
-    """Write `checkpoints_dir/step_N` (a collective: every rank calls it).
+    """Write `checkpoints_dir/step_N` (a collective: every rank calls it) and return its path.
 
     The model is stored unsharded (gathered across tensor/expert-parallel ranks, written by rank 0),
     so any layout can resume from it; the optimizer state is stored per rank (ZeRO-1 shards).
     Under pipeline parallelism each stage's first rank writes the tensors its stages own under its
     own prefix, and rank 0 merges the indexes into one: the directory looks the same either way.
+    Every rank checksums the files it wrote. If any rank fails, every rank raises
+    CheckpointWriteError with the same message and the partial directory is removed.
+    `keep` > 0: afterwards only the newest `keep` complete checkpoints remain.
     """
     ctx = ctx or ParallelContext.single()
+    world = Group.world()
     final = checkpoints_dir / f"step_{step}"
     tmp = checkpoints_dir / f".step_{step}.tmp"
-    if ctx.rank == 0:
+
+    def create_directory() -> None:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "optimizer").mkdir(parents=True)
         (tmp / "config.yaml").write_text(dump_config(cfg))
-    ctx.barrier()
+
+    error = _attempt(create_directory, tmp) if ctx.rank == 0 else None
+    _raise_if_failed(world.first_reported(error), step, checkpoints_dir, tmp, ctx)
+
+    mine: list[str] = []
     state = model.full_state()  # every rank iterates it: gathering shards is a collective
     prefixes = ["model"] if ctx.pp.size == 1 else [f"stage{r:03d}" for r in range(ctx.pp.size)]
     if ctx.tp.rank == 0 and ctx.dp.rank == 0:
-        write_model_weights(tmp, state, prefix=prefixes[ctx.pp.rank])
-    else:
-        for _ in state:
-            pass
-    torch.save(optimizer.state_dict(), tmp / "optimizer" / f"rank_{ctx.rank:05d}.pt")
+        prefix = prefixes[ctx.pp.rank]
+        error = _attempt(lambda: write_model_weights(tmp, state, prefix=prefix), tmp / "model")
+        if error is None:
+            mine += [str(p.relative_to(tmp)) for p in (tmp / "model").glob(f"{prefix}[-.]*")]
+    for _ in state:  # what a failed write left ungathered: the other ranks are still gathering it
+        pass
+    optimizer_file = tmp / "optimizer" / f"rank_{ctx.rank:05d}.pt"
+    error = error or _attempt(lambda: torch.save(optimizer.state_dict(), optimizer_file), optimizer_file)
+    mine.append(str(optimizer_file.relative_to(tmp)))
     if ctx.rank == 0:
-        torch.save({"step": step, "world_size": ctx.world_size, **trainer_state}, tmp / "trainer_state.pt")
-    ctx.barrier()
+        state_file = tmp / "trainer_state.pt"
+        error = error or _attempt(lambda: torch.save({"step": step, "world_size": ctx.world_size, **trainer_state},
+                                                     state_file), state_file)
+        mine += ["trainer_state.pt", "config.yaml"]
+    entries: dict = {}
+    if error is None:
+        error = _attempt(lambda: entries.update(seal_files(tmp, mine)), tmp)
+    _raise_if_failed(world.first_reported(error), step, checkpoints_dir, tmp, ctx)
+
+    gathered = world.all_gather_object(entries)
     if ctx.rank == 0:
-        if ctx.pp.size > 1:
-            merge_indexes(tmp / "model", prefixes, "model")
-        finalize_directory(tmp, final, step)
-        if keep > 0:
-            for old in list_checkpoints(checkpoints_dir)[:-keep]:
-                shutil.rmtree(old)
+        def finish() -> None:
+            for part in gathered:
+                entries.update(part)
+            if ctx.pp.size > 1:
+                merge_indexes(tmp / "model", prefixes, "model")
+                for prefix in prefixes:
+                    entries.pop(f"model/{prefix}.safetensors.index.json", None)
+            finalize_directory(tmp, final, step, entries)
+        error = _attempt(finish, tmp)
+    _raise_if_failed(world.first_reported(error), step, checkpoints_dir, tmp, ctx)
+    if ctx.rank == 0 and keep > 0:
+        rotate_checkpoints(checkpoints_dir, keep)
     ctx.barrier()
     return final
+
+
+def _raise_if_failed(error: Optional[str], step: int, checkpoints_dir: Path, tmp: Path, ctx: ParallelContext) -> None:
+    if error is None:
+        return
+    if ctx.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = list_checkpoints(checkpoints_dir)
+    kept = f"the latest complete checkpoint is still {previous[-1]}" if previous else "no checkpoint was written"
+    raise CheckpointWriteError(f"Could not save checkpoint step_{step}: {error}; {kept}.")
+
+
+def rotate_checkpoints(checkpoints_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and partial saves of crashed runs.
+
+    The newest checkpoint is the one just written and sealed (or, right after a resume, the one
+    that was verified on load), so the last checkpoint known to be sound is never deleted."""
+    for old in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(old)
+    for path in checkpoints_dir.iterdir():
+        if _PARTIAL_DIR.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -150,6 +205,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_checkpoint_config(ckpt: Path) -> Config:
+    """The config a checkpoint was saved with (a damaged file is a ConfigError naming it)."""
     return load_config(ckpt / "config.yaml")
 
 
@@ -174,17 +230,61 @@ def load_model_weights(ckpt: Path, model) -> None:
         raise CheckpointFormatError(f"Checkpoint {ckpt}: {err}") from None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, ctx: Optional[ParallelContext] = None) -> dict:
-    """Restore model (and this rank's optimizer shard); returns the trainer state saved with it."""
+def verify_checkpoint(ckpt: Path, ctx: Optional[ParallelContext] = None) -> None:
+    """Check every file of `ckpt` against its manifest (each rank reads a share; a collective) and
+    raise CheckpointFormatError on every rank, naming the damaged file and the previous complete
+    checkpoint to fall back to."""
+    world = Group.world()
+    try:
+        problem = find_damage(ckpt, (world.rank, world.size))
+    except CheckpointFormatError as err:
+        problem = str(err).rstrip(".")
+    problem = world.first_reported(problem)
+    if problem is None:
+        return
+    older = [path for path in list_checkpoints(ckpt.parent) if _step_of(path) < _step_of(ckpt)]
+    fallback = (f"; the previous complete checkpoint is {older[-1]}: move {ckpt} out of {ckpt.parent} to resume "
+                f"from it" if older else "")
+    raise CheckpointFormatError(f"{problem}{fallback}.")
+
+
+def _step_of(path: Path) -> int:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def _load_torch_file(path: Path) -> dict:
+    """A torch.save'd dict, loaded without executing code; CheckpointFormatError if it is not one."""
+    try:
+        value = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises many types for damaged zip archives and pickles
+        raise CheckpointFormatError(f"Checkpoint file {path} is damaged or not a torch file ({type(err).__name__}).") from None
+    if not isinstance(value, dict):
+        raise CheckpointFormatError(f"Checkpoint file {path} holds a {type(value).__name__}, not a dict.")
+    return value
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, ctx: Optional[ParallelContext] = None, verify: bool = True) -> dict:
+    """Verify `ckpt` (unless the caller just did), restore the model (and this rank's optimizer
+    shard); returns the trainer state saved with it (a dict with at least "step")."""
     ctx = ctx or ParallelContext.single()
-    verify_manifest(ckpt)
+    if verify:
+        verify_checkpoint(ckpt, ctx)
     load_model_weights(ckpt, model)
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    state_file = ckpt / "trainer_state.pt"
+    state = _load_torch_file(state_file)
+    if not isinstance(state.get("step"), int):
+        raise CheckpointFormatError(f"Checkpoint file {state_file} has no step count.")
     if optimizer is not None:
         saved_world = int(state.get("world_size", 1))
         if saved_world != ctx.world_size:
             raise CheckpointFormatError(
                 f"Checkpoint {ckpt} holds optimizer shards of {saved_world} ranks; this run has {ctx.world_size}. "
                 f"Resume with the same layout (the model weights alone load into any layout).")
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer" / f"rank_{ctx.rank:05d}.pt", weights_only=True))
+        shard_file = ckpt / "optimizer" / f"rank_{ctx.rank:05d}.pt"
+        shard = _load_torch_file(shard_file)
+        try:
+            optimizer.load_state_dict(shard)
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            raise CheckpointFormatError(f"Checkpoint file {shard_file} does not fit this optimizer ({err}).") from None
     return state

@@ -12,25 +12,28 @@ output directory resumes from the latest one.
 from __future__ import annotations
 
 import math
-import signal
+import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
 from megads.config import Config, ConfigError, dump_config, validate
 from megads.fp8.convert import convert_to_fp8, fp8_stats
-from megads.train.checkpoint import (list_checkpoints, load_checkpoint, load_model_weights, read_checkpoint_config,
-                                     resolve_checkpoint, save_checkpoint)
+from megads.errors import RunFailure
+from megads.shards import CheckpointFormatError
+from megads.train.checkpoint import (describe_error, list_checkpoints, load_checkpoint, load_model_weights,
+                                     read_checkpoint_config, resolve_checkpoint, save_checkpoint, verify_checkpoint)
 from megads.train.data import CorpusData, TrainingData, autocast
 from megads.train.lr_schedule import learning_rate
 from megads.train.metrics import MetricsLogger, ProgressPrinter
 from megads.train.model_stages import ModelStages
+from megads.train.step_loop import run_steps
 from megads.train.optimizer import build_optimizer
 from parallel.context import ParallelContext, destroy_distributed, world_size_from_environment
+from parallel.group import Group
 from parallel.zero1 import DistributedOptimizer
 
 
@@ -49,23 +52,6 @@ def check_same_model(cfg: Config, ckpt: Path, advice: str = "use a new train.out
         changed = [k for k in vars(cfg.model) if getattr(saved.model, k) != getattr(cfg.model, k)]
         raise ConfigError(f"The checkpoint {ckpt} was trained with a different model (model.{', model.'.join(changed)} "
                           f"differ); {advice}.")
-
-
-class StopRequested(Exception):
-    """SIGTERM arrived: the run saves a checkpoint and stops (as on Ctrl-C)."""
-
-
-@contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """Inside the block SIGTERM raises StopRequested (the previous handler is restored after it)."""
-    def on_signal(signum, frame):
-        raise StopRequested()
-
-    previous = signal.signal(signal.SIGTERM, on_signal)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 DataFactory = Callable[[Config, ParallelContext, Callable], TrainingData]
@@ -94,14 +80,31 @@ def run_job(cfg: Config, job: str, log, body: Callable[[ParallelContext, Callabl
             destroy_distributed()
 
 
+class OutputDirectoryError(RunFailure):
+    """The output or checkpoints directory cannot be written: found before any step is trained."""
+
+
 def prepare_output(cfg: Config, ctx: ParallelContext) -> Path:
-    """What a run sets up first: its threads, and (rank 0) its output directory with config.yaml."""
+    """What a run sets up first: its threads, and (rank 0) its output directory with config.yaml
+    and a checkpoints directory, both checked to be writable so that no step is trained only to be
+    lost at the first save (OutputDirectoryError on every rank otherwise)."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     out = Path(cfg.train.output_dir)
+    error = None
     if ctx.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        try:
+            for directory in (out, out / "checkpoints"):
+                directory.mkdir(parents=True, exist_ok=True)
+                probe = directory / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"megads")
+                probe.unlink()
+            (out / "config.yaml").write_text(dump_config(cfg))
+        except OSError as err:
+            error = f"The output directory {out} is not writable ({describe_error(err)}); nothing was trained."
+    error = Group.world().first_reported(error)
+    if error is not None:
+        raise OutputDirectoryError(error)
     return out
 
 
@@ -122,13 +125,18 @@ def restore(cfg: Config, ctx: ParallelContext, model: ModelStages, optimizer, ch
     (a checkpoint or run directory) when given, and return None."""
     existing = list_checkpoints(checkpoints_dir)
     if existing:
+        verify_checkpoint(existing[-1], ctx)  # before reading anything from it
         check_same_model(cfg, existing[-1])
-        state = load_checkpoint(existing[-1], model, optimizer, ctx)
-        torch.set_rng_state(state["torch_rng"])
+        state = load_checkpoint(existing[-1], model, optimizer, ctx, verify=False)
+        rng = state.get("torch_rng")
+        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+            raise CheckpointFormatError(f"Checkpoint file {existing[-1] / 'trainer_state.pt'} has no RNG state.")
+        torch.set_rng_state(rng)
         log(f"resumed from {existing[-1]} (step {int(state['step'])})")
         return state
     if init_from is not None:
         source = resolve_checkpoint(init_from)
+        verify_checkpoint(source, ctx)
         check_same_model(cfg, source, "set the model section to the checkpoint's")
         load_model_weights(source, model)
         optimizer.reload_model_params()
@@ -141,7 +149,8 @@ def parallel_context(cfg: Config, job: str = "train") -> ParallelContext:
     group exists), then start torch.distributed if needed and build the groups."""
     validate(cfg, world_size=world_size_from_environment(), job=job)
     p = cfg.parallel
-    return ParallelContext.create(p.tensor_parallel, p.pipeline_parallel, p.expert_parallel, p.sequence_parallel)
+    return ParallelContext.create(p.tensor_parallel, p.pipeline_parallel, p.expert_parallel, p.sequence_parallel,
+                                  timeout_s=p.collective_timeout_s)
 
 
 def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: str) -> TrainResult:
@@ -168,34 +177,24 @@ def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: 
 
     metrics = MetricsLogger(out, start_step, log=log) if ctx.rank == 0 else None
     progress = ProgressPrinter(t.max_steps, t.log_every, log=log)
-    step, last_loss = start_step, None
 
-    def save(at_step: int) -> None:
-        save_checkpoint(checkpoints_dir, at_step, cfg, model, optimizer, {"torch_rng": torch.get_rng_state()},
-                        keep=t.keep_checkpoints, ctx=ctx)
+    def take_step(step: int) -> dict:
+        batches = data.micro_batches(step, ctx.dp.rank, ctx.dp.size, t.micro_batch_size)
+        record = train_step(model, optimizer, cfg, step, batches)
+        if t.eval_every and (step + 1) % t.eval_every == 0:
+            record.update(data.evaluate(model, cfg))
+        return record
+
+    def save(at_step: int) -> Path:
+        return save_checkpoint(checkpoints_dir, at_step, cfg, model, optimizer, {"torch_rng": torch.get_rng_state()},
+                               keep=t.keep_checkpoints, ctx=ctx)
 
     try:
-        with stop_on_sigterm():
-            while step < t.max_steps:
-                batches = data.micro_batches(step, ctx.dp.rank, ctx.dp.size, t.micro_batch_size)
-                record = train_step(model, optimizer, cfg, step, batches)
-                step += 1
-                if t.eval_every and step % t.eval_every == 0:
-                    record.update(data.evaluate(model, cfg))
-                if metrics is not None:
-                    metrics.record(record)
-                progress(record)
-                last_loss = record["loss"]
-                if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
-                    save(step)
-    except (KeyboardInterrupt, StopRequested):
-        log(f"interrupted: saving a checkpoint at step {step} before exiting")
-        if step > start_step and not ctx.is_distributed:  # other ranks may not reach a collective save
-            save(step)
-        raise
+        step, record = run_steps(cfg, ctx, start_step, take_step, save, metrics, progress, log)
     finally:
         if metrics is not None:
             metrics.close()
+    last_loss = record["loss"]
     log(f"done: {step} steps, final loss {last_loss:.4f}; checkpoints in {checkpoints_dir}")
     return TrainResult(out, step, last_loss)
 
