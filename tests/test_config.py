@@ -16,12 +16,14 @@ from megads.config import (
     ParallelConfig,
     TrainConfig,
     apply_overrides,
+    config_for_model,
     config_from_dict,
     data_parallel_size,
     describe_fields,
     dump_config,
     load_config,
     micro_batches_per_step,
+    model_config_from_dict,
     validate,
 )
 from tiny_model import TINY_MODEL, tiny_config, tiny_model, tiny_overrides, with_tiny_model
@@ -408,7 +410,7 @@ RULE_CASES = [
     ({M: {"kv_lora_rank": 0}}, "model.kv_lora_rank"),
     ({M: {"qk_rope_head_dim": 0}}, "model.qk_rope_head_dim"),
     ({M: {"v_head_dim": 0}}, "model.v_head_dim"),
-    ({M: {"max_position_embeddings": 0}}, "model.max_position_embeddings"),
+    ({M: {"max_position_embeddings": 0}}, "model.max_position_embeddings must be at least 1", MULTI),
     ({M: {"qk_nope_head_dim": -1}}, "model.qk_nope_head_dim"),
     ({M: {"n_shared_experts": -1}}, "model.n_shared_experts"),
     ({M: {"num_nextn_predict_layers": -1}}, "model.num_nextn_predict_layers"),
@@ -477,6 +479,8 @@ RULE_CASES = [
     ({T: {"adam_eps": 0}}, "train.adam_eps"),
     ({T: {"decay_steps": 0}}, "train.decay_steps"),
     ({T: {"num_threads": 0}}, "train.num_threads"),
+    ({T: {"seq_length": 4097}},
+     "train.seq_length (4097) must not exceed model.max_position_embeddings (4096)"),
     # ---- parallel
     ({P: {"tensor_parallel": 0}}, "parallel.tensor_parallel"),
     ({P: {"pipeline_parallel": 0}}, "parallel.pipeline_parallel"),
@@ -718,6 +722,32 @@ def test_yarn_factor_value_reaches_model_config():
     cfg = tiny_config({M: {"rope_scaling": YARN}})
     assert math.isclose(cfg.model.rope_scaling["factor"], 40)
     assert yaml.safe_load(dump_config(cfg))["model"]["rope_scaling"] == YARN
+
+
+def test_seq_length_is_bounded_by_max_position_embeddings():
+    """train.seq_length may reach model.max_position_embeddings but not pass it. Under YaRN the bound is
+    max_position_embeddings, the extended length (DeepSeek-V3: 163840 = factor 40 x original 4096)."""
+    assert tiny_config({T: {"seq_length": 4096}}).train.seq_length == 4096
+    with pytest.raises(ConfigError) as info:
+        load_config(None, tiny_overrides("train.seq_length=4097"))
+    assert str(info.value) == "train.seq_length (4097) must not exceed model.max_position_embeddings (4096)."
+    long_context = {M: {"rope_scaling": YARN, "max_position_embeddings": 163840}, T: {"seq_length": 8192}}
+    assert tiny_config(long_context).train.seq_length == 8192  # past the original 4096, within the extension
+    assert "model.max_position_embeddings (4096)" in _error({M: {"rope_scaling": YARN}, T: {"seq_length": 8192}})
+
+
+def test_a_model_section_alone_meets_only_the_model_rules():
+    """A model meant for fewer positions than the default train.seq_length (256) is a valid model
+    (model_config_from_dict, as a Hugging Face import reads it); config_for_model wraps it in a valid
+    config, seq_length capped, that survives a round trip through YAML (a checkpoint's config.yaml)."""
+    short = model_config_from_dict({**TINY_MODEL, "max_position_embeddings": 64})
+    assert short == tiny_model(max_position_embeddings=64)
+    with pytest.raises(ConfigError, match=r"model\.hidden_size"):
+        model_config_from_dict({**TINY_MODEL, "hidden_size": 0})
+    cfg = config_for_model(short)
+    assert cfg.model == short and cfg.train.seq_length == 64
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+    assert config_for_model(tiny_model()).train == TrainConfig()
 
 
 @pytest.mark.parametrize("overrides, field", [

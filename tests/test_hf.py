@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
-from megads.config import ConfigError, ModelConfig, config_from_dict  # noqa: E402
+from megads.config import ConfigError, ModelConfig, model_config_from_dict  # noqa: E402
 from megads.hf import (  # noqa: E402
     export_hf,
     hf_config_from_model_config,
@@ -49,7 +49,7 @@ def tiny_cfg(**overrides) -> ModelConfig:
                   num_nextn_predict_layers=0,
                   initializer_range=0.1)  # wide enough that router scores and logits are far from uniform
     fields.update(overrides)
-    return config_from_dict({"model": fields}).model
+    return model_config_from_dict(fields)
 
 
 def randomize_norms_and_biases(named_parameters, moe_gates, seed: int) -> None:

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megads.config import ROPE_TYPE_KEYS, YARN_KEYS, ConfigError, ModelConfig, config_from_dict
+from megads.config import ROPE_TYPE_KEYS, YARN_KEYS, ConfigError, ModelConfig, model_config_from_dict
 from megads.shards import CheckpointFormatError
 
 Log = Callable[[str], None]
@@ -195,7 +195,7 @@ def model_config_from_hf(hf: dict, log: Log = print) -> ModelConfig:
             fields[key] = value
             log(f"hf config: {key} = {value!r} (not in config.json; {why})")
     fields["rope_theta"], fields["rope_scaling"] = _rope_from_hf(hf, log)
-    return config_from_dict({"model": fields}).model
+    return model_config_from_dict(fields)
 
 
 def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:

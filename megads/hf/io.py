@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from megads.config import Config, ModelConfig, dump_config
+from megads.config import ModelConfig, config_for_model, dump_config
 from megads.hf.config import HF_CONFIG, Log, hf_config_from_model_config, model_config_from_hf, read_hf_config
 from megads.hf.names import hf_mtp_depths, hf_tensors_to_megads, megads_state_shapes, megads_tensors_to_hf
 from megads.model.model import DeepSeekV3
@@ -190,8 +190,8 @@ def import_hf(hf_dir: str | Path, ckpt_dir: str | Path, seed: int = 0, max_shard
               log: Log = print) -> Path:
     """Convert a Hugging Face directory into a megads checkpoint directory without building the model.
 
-    The checkpoint holds config.yaml (the imported model section, defaults elsewhere), model/ and
-    the COMPLETE manifest, and no training state. Missing MTP depths are written freshly
+    The checkpoint holds config.yaml (the imported model section, defaults elsewhere: config_for_model),
+    model/ and the COMPLETE manifest, and no training state. Missing MTP depths are written freshly
     initialised (as build_model(cfg, seed) would), so the checkpoint always matches its config.
     """
     hf_dir, ckpt_dir = Path(hf_dir), Path(ckpt_dir)
@@ -213,7 +213,7 @@ def import_hf(hf_dir: str | Path, ckpt_dir: str | Path, seed: int = 0, max_shard
 
     progress = _Progress(f"importing {hf_dir} into {ckpt_dir}", log)
     with _staged_directory(ckpt_dir, lambda tmp, final: finalize_directory(tmp, final, None)) as tmp:
-        (tmp / "config.yaml").write_text(dump_config(Config(model=cfg)))
+        (tmp / "config.yaml").write_text(dump_config(config_for_model(cfg)))
         write_model_weights(tmp, progress.count(stream()), max_shard_bytes)
     progress.done()
     return ckpt_dir
