@@ -372,6 +372,20 @@ def config_for_model(model: ModelConfig) -> Config:
     return cfg
 
 
+def _parse_yaml(text: str, what: str) -> Any:
+    """yaml.safe_load(text), or a ConfigError saying `what` is not valid YAML and why, on one line.
+
+    Besides YAMLError, PyYAML raises ValueError for values it cannot construct (a timestamp
+    2001-13-01, `!!int x`) and RecursionError for very deep nesting."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        mark = getattr(err, "problem_mark", None)  # PyYAML's own str() spans several lines
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} is not valid YAML ({problem}{where}).") from None
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `SECTION.KEY=VALUE` overrides (VALUE parsed as YAML) to the raw nested dict."""
     if raw is None:
@@ -391,21 +405,49 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         target = raw.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"Section '{section}' must be a mapping of keys to values, got {target!r}.")
-        target[name] = yaml.safe_load(text) if text.strip() else None
+        target[name] = _parse_yaml(text, f"The value of override '{item}'") if text.strip() else None
+    return raw
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The raw sections of a YAML config file (an empty file: none). A file that cannot be read, is not
+    UTF-8, is not YAML, or is not a mapping of sections to mappings is a ConfigError naming the file
+    (a damaged file, e.g. a checkpoint's config.yaml, is one sentence, not a traceback)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Config file {path} is a directory, not a YAML file.")
+    if not path.exists():
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"Config file {path} cannot be read ({err.strerror}).") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"Config file {path} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset "
+                          f"{err.start} cannot be decoded.") from None
+    raw = _parse_yaml(text, f"Config file {path}")
+    if raw is None:  # empty, or only comments; a falsy non-mapping ([], 0, '') is an error below
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file {path} must be a mapping of sections (model:, train:, ...), "
+                          f"got {type(raw).__name__} {_short(raw)}.")
+    for section, values in raw.items():
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"Section '{section}' of config file {path} must be a mapping of keys to values, "
+                              f"got {_short(values)}.")
     return raw
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     """Read a YAML config (None: all defaults), apply overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist.")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
+    raw = {} if path is None else read_config_file(path)
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 

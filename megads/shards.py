@@ -25,6 +25,27 @@ class CheckpointFormatError(RuntimeError):
     """A weights directory is missing, partial or corrupt; the message names the file."""
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object a weights directory keeps in `path` (config.json, an index, a manifest). A file
+    that cannot be read, is not UTF-8, is not JSON or holds something other than an object is a
+    CheckpointFormatError naming it: damaged files are one sentence, not a traceback."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointFormatError(f"{path} cannot be read ({err.strerror}).") from None
+    try:
+        # JSON is UTF-8 (RFC 8259), whatever the locale; a byte-order mark, as some editors write, is skipped.
+        value = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise CheckpointFormatError(f"{path} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset "
+                                    f"{err.start} cannot be decoded.") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointFormatError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(value, dict):
+        raise CheckpointFormatError(f"{path} must hold a JSON object, got {type(value).__name__}.")
+    return value
+
+
 class ShardedWriter:
     """Add tensors one by one; a shard is written whenever it reaches `max_shard_bytes`.
 
@@ -126,10 +147,11 @@ class ShardedReader:
         index_path = self.directory / f"{prefix}.safetensors.index.json"
         single = self.directory / f"{prefix}.safetensors"
         if index_path.is_file():
-            try:
-                self._weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise CheckpointFormatError(f"{index_path} is not a valid safetensors index ({err}).") from None
+            self._weight_map = read_json_object(index_path).get("weight_map")
+            if not (isinstance(self._weight_map, dict)
+                    and all(isinstance(shard, str) for shard in self._weight_map.values())):
+                raise CheckpointFormatError(f"{index_path} is not a valid safetensors index (its 'weight_map' is "
+                                            f"not an object naming each tensor's shard file).")
         elif single.is_file():
             self._weight_map = {name: single.name for name in self._open(single.name).keys()}
         else:

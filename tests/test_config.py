@@ -187,7 +187,7 @@ def test_missing_config_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(missing)
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="is a directory"):
         load_config(tmp_path)  # a directory is not a config file
 
 
@@ -221,6 +221,53 @@ def test_non_mapping_yaml_is_a_config_error(tmp_path, text, where):
     path.write_text(text)
     with pytest.raises(ConfigError, match=where):
         load_config(path)
+
+
+# Damaged config files: each is one sentence naming the file and what is wrong with it.
+DAMAGED_FILES = {
+    "random bytes": (b"\xff" + bytes(range(256)) * 3, "is not UTF-8 text: byte 0xff at offset 0"),
+    "not YAML": (b"model: {hidden_size: [1, 2\n", "is not valid YAML (expected ',' or ']'"),
+    "a list": (b"- model\n- train\n", "must be a mapping of sections (model:, train:, ...), got list"),
+    "a string": (b"just a string\n", "must be a mapping of sections (model:, train:, ...), got str 'just a string'"),
+    "an empty list": (b"[]\n", "got list []"),  # falsy: once silently all defaults
+    "zero": (b"0\n", "got int 0"),
+    "a scalar section": (b"train: 5\n", "Section 'train' of config file"),
+    "a list section": (b"model:\n  - 1\n", "Section 'model' of config file"),
+    "an impossible date": (b"train:\n  seed: 2001-13-01\n", "is not valid YAML (month must be in 1..12)"),
+    "deep nesting": (b"train: " + b"[" * 5000 + b"\n", "is not valid YAML"),
+    "a NUL byte": (b"train:\x00\n", "is not valid YAML (unacceptable character #x0000"),
+}
+
+
+@pytest.mark.parametrize("content, expected", DAMAGED_FILES.values(), ids=DAMAGED_FILES.keys())
+def test_damaged_config_file_is_one_sentence_naming_it(tmp_path, content, expected):
+    path = tmp_path / "damaged.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and expected in message and "\n" not in message, message
+
+
+def test_damaged_checkpoint_config_is_one_sentence_naming_it(tmp_path):
+    from megads.train.checkpoint import read_checkpoint_config
+
+    (tmp_path / "config.yaml").write_bytes(b"\x9c" + bytes(range(256)))
+    with pytest.raises(ConfigError, match=re.escape(f"Config file {tmp_path / 'config.yaml'} is not UTF-8 text")):
+        read_checkpoint_config(tmp_path)
+
+
+def test_cli_reports_a_garbage_config_in_one_line(tmp_path, capsys):
+    from megads.cli import main
+
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_bytes(b"\xfe\xed" + bytes(range(256)) * 4)
+    for command in ("train", "sft", "grpo"):
+        assert main([command, str(garbage)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(garbage) in err and "not UTF-8" in err, err
+    assert main(["train", str(garbage.with_name("absent.yaml"))]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -269,6 +316,14 @@ def test_overrides_through_load_config(tmp_path):
 def test_bad_override_syntax(item):
     with pytest.raises(ConfigError, match="SECTION.KEY"):
         apply_overrides({}, [item])
+
+
+@pytest.mark.parametrize("item", ["train.lr=[", "train.lr={a", "train.seed=2001-13-01"])
+def test_override_value_that_is_not_yaml_is_one_sentence(item):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [item])
+    assert str(info.value).startswith(f"The value of override '{item}' is not valid YAML (")
+    assert "\n" not in str(info.value)
 
 
 def test_exponent_without_a_dot_is_a_number():

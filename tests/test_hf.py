@@ -6,6 +6,7 @@ tests pin down both the math (rope layout, YaRN, routing) and the on-disk names.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -191,7 +192,9 @@ def test_import_then_export_round_trip(transformers_dir, tmp_path):
     run = tmp_path / "run"
     ckpt = import_hf(path, run / "checkpoints" / "step_7", max_shard_bytes=8_000, log=quiet)
     verify_manifest(ckpt)
-    assert read_checkpoint_config(ckpt).model == cfg
+    saved = read_checkpoint_config(ckpt)
+    assert saved.model == cfg
+    assert saved.train.seq_length == cfg.max_position_embeddings == 32  # capped to fit: config.yaml loads
     assert len(list((ckpt / "model").glob("*.safetensors"))) > 2
     assert resolve_checkpoint(run) == ckpt
 
@@ -478,6 +481,49 @@ def test_writes_are_atomic_and_never_overwrite(sharded_hf_dir, tmp_path, monkeyp
         save_hf(megads_model(tiny_cfg()), tmp_path / "new", log=quiet)
     assert not (tmp_path / "new").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".new")]  # no temporary left behind
+
+
+# Damaged JSON files of a weights directory: each is one sentence naming the file.
+DAMAGED_JSON = {
+    "random bytes": (b"\xff" + bytes(range(256)) * 3, "is not UTF-8 text: byte 0xff at offset 0"),
+    "not JSON": (b'{"vocab_size": ', "is not valid JSON"),
+    "a list": (b"[1, 2]", "must hold a JSON object, got list"),
+    "a string": (b'"deepseek_v3"', "must hold a JSON object, got str"),
+    "a number": (b"NaN", "must hold a JSON object, got float"),
+}
+
+
+@pytest.mark.parametrize("content, expected", DAMAGED_JSON.values(), ids=DAMAGED_JSON.keys())
+def test_damaged_hf_config_is_one_sentence_naming_it(sharded_hf_dir, tmp_path, content, expected, capsys):
+    from megads.cli import main
+
+    config = sharded_hf_dir / "config.json"
+    config.write_bytes(content)
+    with pytest.raises(CheckpointFormatError) as info:
+        load_hf(sharded_hf_dir, log=quiet)
+    assert str(config) in str(info.value) and expected in str(info.value), str(info.value)
+    assert main(["import-hf", str(sharded_hf_dir), str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(config) in err and expected in err, err
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\x80" * 64, "is not UTF-8 text"),
+    (b"[]", "must hold a JSON object, got list"),
+    (b'{"weight_map": ["model-00001-of-00002.safetensors"]}', "is not a valid safetensors index"),
+])
+def test_damaged_index_and_manifest_are_named(sharded_hf_dir, tmp_path, content, expected):
+    ckpt = import_hf(sharded_hf_dir, tmp_path / "ckpt", max_shard_bytes=16_000, log=quiet)
+    index = sharded_hf_dir / "model.safetensors.index.json"
+    index.write_bytes(content)
+    with pytest.raises(CheckpointFormatError, match=re.escape(str(index))):
+        load_hf(sharded_hf_dir, log=quiet)
+    manifest = ckpt / "COMPLETE"
+    manifest.write_bytes(content.replace(b"weight_map", b"files"))
+    with pytest.raises(CheckpointFormatError, match=re.escape(str(manifest))):
+        export_hf(ckpt, tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- streaming memory

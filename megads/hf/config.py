@@ -14,14 +14,13 @@ Exports are transformers-5 configs (plus DeepSeek's `scoring_func` / `topk_metho
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from megads.config import ROPE_TYPE_KEYS, YARN_KEYS, ConfigError, ModelConfig, model_config_from_dict
-from megads.shards import CheckpointFormatError
+from megads.shards import CheckpointFormatError, read_json_object
 
 Log = Callable[[str], None]
 
@@ -257,10 +256,8 @@ def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype = torch.flo
 
 
 def read_hf_config(directory: str | Path) -> dict:
+    """The settings in `directory`/config.json; a missing or damaged file is a CheckpointFormatError naming it."""
     path = Path(directory) / HF_CONFIG
     if not path.is_file():
         raise CheckpointFormatError(f"{directory} is not a Hugging Face model directory (no {HF_CONFIG}).")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointFormatError(f"{path} is not valid JSON ({err}).") from None
+    return read_json_object(path)

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from megads.config import Config, dump_config, load_config
-from megads.shards import CheckpointFormatError, ShardedReader, ShardedWriter, merge_indexes
+from megads.shards import CheckpointFormatError, ShardedReader, ShardedWriter, merge_indexes, read_json_object
 from parallel.context import ParallelContext
 
 MANIFEST = "COMPLETE"
@@ -52,11 +52,11 @@ def verify_manifest(directory: Path) -> dict:
     if not manifest_path.is_file():
         raise CheckpointFormatError(f"{directory} is not a complete checkpoint (no {MANIFEST} manifest): "
                                     f"the save that wrote it did not finish.")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointFormatError(f"{manifest_path} is corrupt (not JSON).") from None
-    for name, size in manifest["files"].items():
+    manifest = read_json_object(manifest_path)
+    files = manifest.get("files")
+    if not (isinstance(files, dict) and all(isinstance(size, int) for size in files.values())):
+        raise CheckpointFormatError(f"{manifest_path} is corrupt: its 'files' is not an object of file sizes.")
+    for name, size in files.items():
         path = directory / name
         if not path.is_file():
             raise CheckpointFormatError(f"Checkpoint file {path} is missing.")
