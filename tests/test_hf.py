@@ -30,7 +30,13 @@ from megads.hf import (  # noqa: E402
     save_hf,
 )
 from megads.model.model import build_model  # noqa: E402
-from megads.shards import CheckpointFormatError, ShardedReader, ShardedWriter  # noqa: E402
+from megads.shards import (  # noqa: E402
+    CheckpointFormatError,
+    NonFiniteTensorError,
+    ShardedReader,
+    ShardedWriter,
+    count_non_finite,
+)
 from megads.train.checkpoint import read_checkpoint_config, resolve_checkpoint, verify_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -524,6 +530,78 @@ def test_damaged_index_and_manifest_are_named(sharded_hf_dir, tmp_path, content,
     with pytest.raises(CheckpointFormatError, match=re.escape(str(manifest))):
         export_hf(ckpt, tmp_path / "out", log=quiet)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- non-finite weights
+
+
+@pytest.mark.parametrize("dtype, bad_value", [
+    (torch.float32, float("nan")), (torch.float32, float("-inf")), (torch.bfloat16, float("inf")),
+    (torch.float16, float("nan")), (torch.float8_e4m3fn, float("nan")), (torch.float8_e5m2, float("-inf")),
+])
+def test_sharded_writer_refuses_non_finite_tensors(tmp_path, dtype, bad_value):
+    tensor = torch.randn(4, 8).to(dtype)
+    flat = tensor.view(-1)
+    flat[3] = bad_value
+    flat[17] = bad_value
+    with ShardedWriter(tmp_path / "out") as writer:
+        writer.add("fine.weight", torch.randn(2, 2).to(dtype))
+        writer.add("steps", torch.tensor([3, -1]))  # integers have no NaN: not checked
+        with pytest.raises(NonFiniteTensorError) as info:
+            writer.add("layers.0.broken.weight", tensor)
+    assert str(info.value) == (f"Tensor 'layers.0.broken.weight' has 2 non-finite value(s) (NaN or inf) of 32; "
+                               f"refusing to write it to {tmp_path / 'out'}.")
+    assert sorted(ShardedReader(tmp_path / "out").keys()) == ["fine.weight", "steps"]  # the refused one is not there
+
+
+def test_count_non_finite_counts_only_float_nan_and_inf():
+    assert count_non_finite(torch.zeros(0)) == count_non_finite(torch.arange(10)) == 0
+    values = torch.tensor([1.0, float("nan"), -float("inf"), 3e38, float("inf"), -0.0])
+    assert count_non_finite(values) == count_non_finite(values.double()) == 3
+    assert count_non_finite(values.t().contiguous()[1:]) == 3
+
+
+def test_save_hf_refuses_a_nan_weight_naming_the_target(tmp_path):
+    model = megads_model(tiny_cfg())
+    weight = model.layers["1"].self_attn.o_proj.weight
+    with torch.no_grad():
+        weight[0, :5] = float("nan")
+    with pytest.raises(NonFiniteTensorError) as info:
+        save_hf(model, tmp_path / "hf", log=quiet)
+    assert str(info.value) == (f"Tensor 'model.layers.1.self_attn.o_proj.weight' has 5 non-finite value(s) (NaN or "
+                               f"inf) of {weight.numel()}; refusing to write it to {tmp_path / 'hf'}.")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor its temporary
+
+
+def _overwrite_tensor_bytes(shard: Path, name: str, count: int, byte: int = 0xFF) -> None:
+    """Overwrite the first `count` data bytes of tensor `name` in a safetensors file, its header intact
+    (8 bytes little-endian header length N, N bytes of JSON header, then the data)."""
+    data = bytearray(shard.read_bytes())
+    header_length = int.from_bytes(data[:8], "little")
+    begin, _ = json.loads(data[8:8 + header_length])[name]["data_offsets"]
+    start = 8 + header_length + begin
+    data[start:start + count] = bytes([byte]) * count
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("pattern", [".mlp.experts.", ".self_attn.kv_a_proj_with_mqa."])
+def test_import_of_a_shard_with_overwritten_data_names_the_tensor_and_shard(tmp_path, capsys, pattern):
+    """A shard whose data bytes were overwritten (0xFF: NaN in FP32) imports as NaN weights unless refused;
+    megads import-hf exits 1 with one line naming the Hugging Face tensor and its shard file, and leaves
+    nothing at the target. A routed expert's tensor is read into a stack of all experts: still named."""
+    from megads.cli import main
+
+    src, dst = tmp_path / "hf", tmp_path / "ckpt"
+    save_hf(megads_model(tiny_cfg()), src, max_shard_bytes=16_000, log=quiet)
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    name = next(n for n in sorted(weight_map) if pattern in n)
+    shard = src / weight_map[name]
+    _overwrite_tensor_bytes(shard, name, 4 * 3)  # three FP32 values
+    assert main(["import-hf", str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"megads import-hf: Tensor {name!r} in {shard} has 3 non-finite value(s) (NaN or inf) of " \
+                  f"{ShardedReader(src).get(name).numel()}; refusing to write it to {dst}.\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no checkpoint, no temporary
 
 
 # ----------------------------------------------------------------------------- streaming memory
