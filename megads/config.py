@@ -69,7 +69,9 @@ class ModelConfig:
         "Expert selection: noaux_tc (DeepSeek-V3: biased scores, group score = sum of its top-2), "
         "greedy (plain top-k) or group_limited_greedy (DeepSeek-V2: group score = its max).")
     hidden_act: Literal["silu"] = _f("silu", "FFN activation (SwiGLU uses SiLU).")
-    max_position_embeddings: int = _f(4096, "Longest sequence the positional encoding is meant for.")
+    max_position_embeddings: int = _f(
+        4096, "Longest sequence the positional encoding is meant for (under YaRN the extended length); "
+        "train.seq_length may not exceed it.")
     rms_norm_eps: float = _f(1e-6, "Epsilon of every RMSNorm.")
     rope_theta: float = _f(10000.0, "RoPE base.")
     rope_scaling: Optional[dict] = _f(
@@ -358,6 +360,38 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
+def model_config_from_dict(values: dict) -> ModelConfig:
+    """A ModelConfig from a model section alone (e.g. a Hugging Face config.json's), checked by the
+    model's own rules; the rules that join it to other sections wait for a whole config, so a model
+    meant for fewer positions than the default train.seq_length is not refused here."""
+    model = _section_from_dict(ModelConfig, values, "model")
+    _raise_problems([msg for ok, msg in _model_rules(model) if not ok and msg])
+    return model
+
+
+def config_for_model(model: ModelConfig) -> Config:
+    """A valid Config around `model` with defaults elsewhere, except train.seq_length, which is capped at
+    model.max_position_embeddings (what `megads import-hf` writes as a checkpoint's config.yaml)."""
+    train = TrainConfig(seq_length=min(TrainConfig().seq_length, model.max_position_embeddings))
+    cfg = Config(model=model, train=train)
+    validate(cfg)
+    return cfg
+
+
+def _parse_yaml(text: str, what: str) -> Any:
+    """yaml.safe_load(text), or a ConfigError saying `what` is not valid YAML and why, on one line.
+
+    Besides YAMLError, PyYAML raises ValueError for values it cannot construct (a timestamp
+    2001-13-01, `!!int x`) and RecursionError for very deep nesting."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        mark = getattr(err, "problem_mark", None)  # PyYAML's own str() spans several lines
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} is not valid YAML ({problem}{where}).") from None
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `SECTION.KEY=VALUE` overrides (VALUE parsed as YAML) to the raw nested dict."""
     if raw is None:
@@ -377,21 +411,49 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         target = raw.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"Section '{section}' must be a mapping of keys to values, got {target!r}.")
-        target[name] = yaml.safe_load(text) if text.strip() else None
+        target[name] = _parse_yaml(text, f"The value of override '{item}'") if text.strip() else None
+    return raw
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The raw sections of a YAML config file (an empty file: none). A file that cannot be read, is not
+    UTF-8, is not YAML, or is not a mapping of sections to mappings is a ConfigError naming the file
+    (a damaged file, e.g. a checkpoint's config.yaml, is one sentence, not a traceback)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Config file {path} is a directory, not a YAML file.")
+    if not path.exists():
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"Config file {path} cannot be read ({err.strerror}).") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"Config file {path} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset "
+                          f"{err.start} cannot be decoded.") from None
+    raw = _parse_yaml(text, f"Config file {path}")
+    if raw is None:  # empty, or only comments; a falsy non-mapping ([], 0, '') is an error below
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file {path} must be a mapping of sections (model:, train:, ...), "
+                          f"got {type(raw).__name__} {_short(raw)}.")
+    for section, values in raw.items():
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"Section '{section}' of config file {path} must be a mapping of keys to values, "
+                              f"got {_short(values)}.")
     return raw
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     """Read a YAML config (None: all defaults), apply overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist.")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
+    raw = {} if path is None else read_config_file(path)
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 
@@ -486,7 +548,7 @@ def _model_rules(m: ModelConfig):
             f"model.rope_scaling.original_max_position_embeddings must be a positive integer, got {ompe!r}.")
 
 
-def _train_rules(t: TrainConfig):
+def _train_rules(t: TrainConfig, m: ModelConfig):
     for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_length", "log_every", "eval_batches"):
         yield getattr(t, name) >= 1, f"train.{name} must be at least 1, got {getattr(t, name)}."
     for name in ("save_every", "keep_checkpoints", "eval_every", "warmup_steps", "weight_decay", "grad_clip",
@@ -501,6 +563,12 @@ def _train_rules(t: TrainConfig):
     yield t.adam_eps > 0, f"train.adam_eps must be positive, got {t.adam_eps}."
     yield t.decay_steps is None or t.decay_steps >= 1, f"train.decay_steps must be null or at least 1, got {t.decay_steps}."
     yield t.num_threads is None or t.num_threads >= 1, f"train.num_threads must be null or at least 1, got {t.num_threads}."
+    # A longer sequence would train, silently, on rotary positions outside the context the model is meant for.
+    # Under YaRN max_position_embeddings is already the extended length (DeepSeek-V3: 163840 = factor 40 x
+    # original 4096), so it is the bound either way.
+    yield t.seq_length <= m.max_position_embeddings, (
+        f"train.seq_length ({t.seq_length}) must not exceed model.max_position_embeddings "
+        f"({m.max_position_embeddings}).")
 
 
 def pipeline_stage_count(p: ParallelConfig) -> int:
@@ -709,12 +777,17 @@ def validate(cfg: Config, world_size: Optional[int] = None, job: str = "train") 
     `job` "sft" or "grpo" adds the post-training rules of the rl section."""
     layout = () if world_size is None else _layout_rules(cfg, world_size)
     rl = _rl_job_rules(cfg, job) if job in ("sft", "grpo") else _rl_rules(cfg.rl)
-    problems = [msg for ok, msg in (*_model_rules(cfg.model), *_train_rules(cfg.train),
+    problems = [msg for ok, msg in (*_model_rules(cfg.model), *_train_rules(cfg.train, cfg.model),
                                     *_parallel_rules(cfg.parallel, cfg.model, cfg.train), *_data_rules(cfg.data),
                                     *_fp8_rules(cfg.fp8, cfg.parallel), *rl, *layout)
                 if not ok and msg]
     if cfg.data.tokenizer == "byte" and cfg.model.vocab_size < 260:
         problems.append(f"model.vocab_size ({cfg.model.vocab_size}) must be at least 260 for data.tokenizer byte.")
+    _raise_problems(problems)
+
+
+def _raise_problems(problems: list[str]) -> None:
+    """ConfigError with the one violated rule's sentence, or a list of them; nothing if none."""
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else
                           "Invalid configuration:\n  " + "\n  ".join(problems))

@@ -10,6 +10,7 @@ two copies of it (nor even one).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterator, Optional
@@ -23,6 +24,61 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 class CheckpointFormatError(RuntimeError):
     """A weights directory is missing, partial or corrupt; the message names the file."""
+
+
+class NonFiniteTensorError(CheckpointFormatError):
+    """A tensor holds NaN or inf values: weights like that are refused, never written. The message names
+    the tensor, where it came from when known (`source`, e.g. a Hugging Face shard file) and where it was
+    to be written."""
+
+    def __init__(self, name: str, count: int, numel: int, destination: str | Path, source: Optional[str | Path] = None):
+        self.name, self.count, self.numel, self.destination, self.source = name, count, numel, destination, source
+        origin = f" in {source}" if source is not None else ""
+        super().__init__(f"Tensor {name!r}{origin} has {count} non-finite value(s) (NaN or inf) of {numel}; "
+                         f"refusing to write it to {destination}.")
+
+    def restated(self, **changes) -> "NonFiniteTensorError":
+        """The same refusal with some of name, count, numel, destination, source changed."""
+        fields = dict(name=self.name, count=self.count, numel=self.numel, destination=self.destination,
+                      source=self.source)
+        return NonFiniteTensorError(**{**fields, **changes})
+
+
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """How many NaN or inf values `tensor` holds (0 for integer and bool tensors).
+
+    One read of the tensor and no temporary (isfinite(t).all() also writes a byte per value): aminmax
+    propagates NaN, and an inf is an extreme, so both ends are finite exactly when every value is. Only
+    a tensor that fails is counted value by value."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return 0
+    if tensor.element_size() == 1:  # FP8 has no CPU reductions: upcast a slice at a time
+        return sum(count_non_finite(piece.float()) for piece in tensor.reshape(-1).split(1 << 24))
+    low, high = torch.aminmax(tensor)
+    if math.isfinite(low) and math.isfinite(high):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object a weights directory keeps in `path` (config.json, an index, a manifest). A file
+    that cannot be read, is not UTF-8, is not JSON or holds something other than an object is a
+    CheckpointFormatError naming it: damaged files are one sentence, not a traceback."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointFormatError(f"{path} cannot be read ({err.strerror}).") from None
+    try:
+        # JSON is UTF-8 (RFC 8259), whatever the locale; a byte-order mark, as some editors write, is skipped.
+        value = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise CheckpointFormatError(f"{path} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset "
+                                    f"{err.start} cannot be decoded.") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointFormatError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(value, dict):
+        raise CheckpointFormatError(f"{path} must hold a JSON object, got {type(value).__name__}.")
+    return value
 
 
 class ShardedWriter:
@@ -46,14 +102,20 @@ class ShardedWriter:
         self._names: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue `tensor` under `name`; NaN or inf values are a NonFiniteTensorError naming it (every writer of
+        weights, checkpoint save, import-hf, export-hf and save_hf, comes through here)."""
         if name in self._names:
             raise ValueError(f"tensor {name!r} was added twice")
+        tensor = tensor.detach()
+        bad = count_non_finite(tensor)  # where the tensor lives: on a GPU before it is copied, far faster
+        if bad:
+            raise NonFiniteTensorError(name, bad, tensor.numel(), self.directory)
+        tensor = tensor.to("cpu")
         self._names.add(name)
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
         # safetensors needs contiguous, non-shared storage; clone only when necessary.
-        tensor = tensor.detach().to("cpu")
         self._pending[name] = tensor.contiguous()
         self._pending_bytes += nbytes
         self._total_bytes += nbytes
@@ -126,10 +188,11 @@ class ShardedReader:
         index_path = self.directory / f"{prefix}.safetensors.index.json"
         single = self.directory / f"{prefix}.safetensors"
         if index_path.is_file():
-            try:
-                self._weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise CheckpointFormatError(f"{index_path} is not a valid safetensors index ({err}).") from None
+            self._weight_map = read_json_object(index_path).get("weight_map")
+            if not (isinstance(self._weight_map, dict)
+                    and all(isinstance(shard, str) for shard in self._weight_map.values())):
+                raise CheckpointFormatError(f"{index_path} is not a valid safetensors index (its 'weight_map' is "
+                                            f"not an object naming each tensor's shard file).")
         elif single.is_file():
             self._weight_map = {name: single.name for name in self._open(single.name).keys()}
         else:
@@ -149,6 +212,10 @@ class ShardedReader:
 
     def keys(self) -> list[str]:
         return list(self._weight_map)
+
+    def file_of(self, name: str) -> Path:
+        """The safetensors file holding tensor `name`."""
+        return self.directory / self._weight_map[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self._weight_map

@@ -16,12 +16,14 @@ from megads.config import (
     ParallelConfig,
     TrainConfig,
     apply_overrides,
+    config_for_model,
     config_from_dict,
     data_parallel_size,
     describe_fields,
     dump_config,
     load_config,
     micro_batches_per_step,
+    model_config_from_dict,
     validate,
 )
 from tiny_model import TINY_MODEL, tiny_config, tiny_model, tiny_overrides, with_tiny_model
@@ -185,7 +187,7 @@ def test_missing_config_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(missing)
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="is a directory"):
         load_config(tmp_path)  # a directory is not a config file
 
 
@@ -219,6 +221,53 @@ def test_non_mapping_yaml_is_a_config_error(tmp_path, text, where):
     path.write_text(text)
     with pytest.raises(ConfigError, match=where):
         load_config(path)
+
+
+# Damaged config files: each is one sentence naming the file and what is wrong with it.
+DAMAGED_FILES = {
+    "random bytes": (b"\xff" + bytes(range(256)) * 3, "is not UTF-8 text: byte 0xff at offset 0"),
+    "not YAML": (b"model: {hidden_size: [1, 2\n", "is not valid YAML (expected ',' or ']'"),
+    "a list": (b"- model\n- train\n", "must be a mapping of sections (model:, train:, ...), got list"),
+    "a string": (b"just a string\n", "must be a mapping of sections (model:, train:, ...), got str 'just a string'"),
+    "an empty list": (b"[]\n", "got list []"),  # falsy: once silently all defaults
+    "zero": (b"0\n", "got int 0"),
+    "a scalar section": (b"train: 5\n", "Section 'train' of config file"),
+    "a list section": (b"model:\n  - 1\n", "Section 'model' of config file"),
+    "an impossible date": (b"train:\n  seed: 2001-13-01\n", "is not valid YAML (month must be in 1..12)"),
+    "deep nesting": (b"train: " + b"[" * 5000 + b"\n", "is not valid YAML"),
+    "a NUL byte": (b"train:\x00\n", "is not valid YAML (unacceptable character #x0000"),
+}
+
+
+@pytest.mark.parametrize("content, expected", DAMAGED_FILES.values(), ids=DAMAGED_FILES.keys())
+def test_damaged_config_file_is_one_sentence_naming_it(tmp_path, content, expected):
+    path = tmp_path / "damaged.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and expected in message and "\n" not in message, message
+
+
+def test_damaged_checkpoint_config_is_one_sentence_naming_it(tmp_path):
+    from megads.train.checkpoint import read_checkpoint_config
+
+    (tmp_path / "config.yaml").write_bytes(b"\x9c" + bytes(range(256)))
+    with pytest.raises(ConfigError, match=re.escape(f"Config file {tmp_path / 'config.yaml'} is not UTF-8 text")):
+        read_checkpoint_config(tmp_path)
+
+
+def test_cli_reports_a_garbage_config_in_one_line(tmp_path, capsys):
+    from megads.cli import main
+
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_bytes(b"\xfe\xed" + bytes(range(256)) * 4)
+    for command in ("train", "sft", "grpo"):
+        assert main([command, str(garbage)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(garbage) in err and "not UTF-8" in err, err
+    assert main(["train", str(garbage.with_name("absent.yaml"))]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -267,6 +316,14 @@ def test_overrides_through_load_config(tmp_path):
 def test_bad_override_syntax(item):
     with pytest.raises(ConfigError, match="SECTION.KEY"):
         apply_overrides({}, [item])
+
+
+@pytest.mark.parametrize("item", ["train.lr=[", "train.lr={a", "train.seed=2001-13-01"])
+def test_override_value_that_is_not_yaml_is_one_sentence(item):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [item])
+    assert str(info.value).startswith(f"The value of override '{item}' is not valid YAML (")
+    assert "\n" not in str(info.value)
 
 
 def test_exponent_without_a_dot_is_a_number():
@@ -408,7 +465,7 @@ RULE_CASES = [
     ({M: {"kv_lora_rank": 0}}, "model.kv_lora_rank"),
     ({M: {"qk_rope_head_dim": 0}}, "model.qk_rope_head_dim"),
     ({M: {"v_head_dim": 0}}, "model.v_head_dim"),
-    ({M: {"max_position_embeddings": 0}}, "model.max_position_embeddings"),
+    ({M: {"max_position_embeddings": 0}}, "model.max_position_embeddings must be at least 1", MULTI),
     ({M: {"qk_nope_head_dim": -1}}, "model.qk_nope_head_dim"),
     ({M: {"n_shared_experts": -1}}, "model.n_shared_experts"),
     ({M: {"num_nextn_predict_layers": -1}}, "model.num_nextn_predict_layers"),
@@ -478,6 +535,8 @@ RULE_CASES = [
     ({T: {"adam_eps": 0}}, "train.adam_eps"),
     ({T: {"decay_steps": 0}}, "train.decay_steps"),
     ({T: {"num_threads": 0}}, "train.num_threads"),
+    ({T: {"seq_length": 4097}},
+     "train.seq_length (4097) must not exceed model.max_position_embeddings (4096)"),
     # ---- parallel
     ({P: {"tensor_parallel": 0}}, "parallel.tensor_parallel"),
     ({P: {"pipeline_parallel": 0}}, "parallel.pipeline_parallel"),
@@ -720,6 +779,32 @@ def test_yarn_factor_value_reaches_model_config():
     cfg = tiny_config({M: {"rope_scaling": YARN}})
     assert math.isclose(cfg.model.rope_scaling["factor"], 40)
     assert yaml.safe_load(dump_config(cfg))["model"]["rope_scaling"] == YARN
+
+
+def test_seq_length_is_bounded_by_max_position_embeddings():
+    """train.seq_length may reach model.max_position_embeddings but not pass it. Under YaRN the bound is
+    max_position_embeddings, the extended length (DeepSeek-V3: 163840 = factor 40 x original 4096)."""
+    assert tiny_config({T: {"seq_length": 4096}}).train.seq_length == 4096
+    with pytest.raises(ConfigError) as info:
+        load_config(None, tiny_overrides("train.seq_length=4097"))
+    assert str(info.value) == "train.seq_length (4097) must not exceed model.max_position_embeddings (4096)."
+    long_context = {M: {"rope_scaling": YARN, "max_position_embeddings": 163840}, T: {"seq_length": 8192}}
+    assert tiny_config(long_context).train.seq_length == 8192  # past the original 4096, within the extension
+    assert "model.max_position_embeddings (4096)" in _error({M: {"rope_scaling": YARN}, T: {"seq_length": 8192}})
+
+
+def test_a_model_section_alone_meets_only_the_model_rules():
+    """A model meant for fewer positions than the default train.seq_length (256) is a valid model
+    (model_config_from_dict, as a Hugging Face import reads it); config_for_model wraps it in a valid
+    config, seq_length capped, that survives a round trip through YAML (a checkpoint's config.yaml)."""
+    short = model_config_from_dict({**TINY_MODEL, "max_position_embeddings": 64})
+    assert short == tiny_model(max_position_embeddings=64)
+    with pytest.raises(ConfigError, match=r"model\.hidden_size"):
+        model_config_from_dict({**TINY_MODEL, "hidden_size": 0})
+    cfg = config_for_model(short)
+    assert cfg.model == short and cfg.train.seq_length == 64
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+    assert config_for_model(tiny_model()).train == TrainConfig()
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -31,7 +31,7 @@ import pytest
 import torch
 from torch import nn
 
-from megads.config import config_from_dict
+from megads.config import model_config_from_dict
 from megads.fp8 import (
     Fp8Config,
     Fp8LocalGemm,
@@ -57,7 +57,7 @@ def tiny(**changes):
                  max_position_embeddings=64, num_nextn_predict_layers=1, initializer_range=0.02,
                  aux_loss_alpha=1e-3)
     model.update(changes)
-    return config_from_dict({"model": model}).model
+    return model_config_from_dict(model)
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -172,7 +172,8 @@ def test_grpo_resumes_exactly_and_exports(init_checkpoint, tmp_path):
     ({"group_size": 1}, {}, "rl.group_size"),
     ({"epsilon_low": 1.5}, {}, "rl.epsilon_low"),
     ({"beta": -0.1}, {}, "rl.beta"),
-    ({"max_new_tokens": 60}, {"seq_length": 71}, "max_position_embeddings"),
+    # seq_length 64 fits model.max_position_embeddings (64); the 65 positions of prompt + completion do not
+    ({"max_new_tokens": 53}, {"seq_length": 64}, r"rl\.max_prompt_length \+ rl\.max_new_tokens \(65\)"),
     ({"prompts_per_step": 3}, {}, "train.global_batch_size"),
     ({"loss_aggregation": "sum"}, {}, "rl.loss_aggregation"),
 ])

@@ -6,6 +6,7 @@ tests pin down both the math (rope layout, YaRN, routing) and the on-disk names.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
-from megads.config import ConfigError, ModelConfig, config_from_dict  # noqa: E402
+from megads.config import ConfigError, ModelConfig, model_config_from_dict  # noqa: E402
 from megads.hf import (  # noqa: E402
     export_hf,
     hf_config_from_model_config,
@@ -29,8 +30,15 @@ from megads.hf import (  # noqa: E402
     save_hf,
 )
 from megads.model.model import build_model  # noqa: E402
-from megads.shards import CheckpointFormatError, ShardedReader, ShardedWriter  # noqa: E402
-from megads.train.checkpoint import read_checkpoint_config, resolve_checkpoint, verify_manifest  # noqa: E402
+from megads.shards import (  # noqa: E402
+    CheckpointFormatError,
+    NonFiniteTensorError,
+    ShardedReader,
+    ShardedWriter,
+    count_non_finite,
+)
+from megads.train.checkpoint import read_checkpoint_config, resolve_checkpoint  # noqa: E402
+from megads.train.manifest import verify_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, SEQ = 97, 16
@@ -49,7 +57,7 @@ def tiny_cfg(**overrides) -> ModelConfig:
                   num_nextn_predict_layers=0,
                   initializer_range=0.1)  # wide enough that router scores and logits are far from uniform
     fields.update(overrides)
-    return config_from_dict({"model": fields}).model
+    return model_config_from_dict(fields)
 
 
 def randomize_norms_and_biases(named_parameters, moe_gates, seed: int) -> None:
@@ -191,7 +199,9 @@ def test_import_then_export_round_trip(transformers_dir, tmp_path):
     run = tmp_path / "run"
     ckpt = import_hf(path, run / "checkpoints" / "step_7", max_shard_bytes=8_000, log=quiet)
     verify_manifest(ckpt)
-    assert read_checkpoint_config(ckpt).model == cfg
+    saved = read_checkpoint_config(ckpt)
+    assert saved.model == cfg
+    assert saved.train.seq_length == cfg.max_position_embeddings == 32  # capped to fit: config.yaml loads
     assert len(list((ckpt / "model").glob("*.safetensors"))) > 2
     assert resolve_checkpoint(run) == ckpt
 
@@ -478,6 +488,121 @@ def test_writes_are_atomic_and_never_overwrite(sharded_hf_dir, tmp_path, monkeyp
         save_hf(megads_model(tiny_cfg()), tmp_path / "new", log=quiet)
     assert not (tmp_path / "new").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".new")]  # no temporary left behind
+
+
+# Damaged JSON files of a weights directory: each is one sentence naming the file.
+DAMAGED_JSON = {
+    "random bytes": (b"\xff" + bytes(range(256)) * 3, "is not UTF-8 text: byte 0xff at offset 0"),
+    "not JSON": (b'{"vocab_size": ', "is not valid JSON"),
+    "a list": (b"[1, 2]", "must hold a JSON object, got list"),
+    "a string": (b'"deepseek_v3"', "must hold a JSON object, got str"),
+    "a number": (b"NaN", "must hold a JSON object, got float"),
+}
+
+
+@pytest.mark.parametrize("content, expected", DAMAGED_JSON.values(), ids=DAMAGED_JSON.keys())
+def test_damaged_hf_config_is_one_sentence_naming_it(sharded_hf_dir, tmp_path, content, expected, capsys):
+    from megads.cli import main
+
+    config = sharded_hf_dir / "config.json"
+    config.write_bytes(content)
+    with pytest.raises(CheckpointFormatError) as info:
+        load_hf(sharded_hf_dir, log=quiet)
+    assert str(config) in str(info.value) and expected in str(info.value), str(info.value)
+    assert main(["import-hf", str(sharded_hf_dir), str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(config) in err and expected in err, err
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\x80" * 64, "is not UTF-8 text"),
+    (b"[]", "must hold a JSON object, got list"),
+    (b'{"weight_map": ["model-00001-of-00002.safetensors"]}', "is not a valid safetensors index"),
+])
+def test_damaged_index_and_manifest_are_named(sharded_hf_dir, tmp_path, content, expected):
+    ckpt = import_hf(sharded_hf_dir, tmp_path / "ckpt", max_shard_bytes=16_000, log=quiet)
+    index = sharded_hf_dir / "model.safetensors.index.json"
+    index.write_bytes(content)
+    with pytest.raises(CheckpointFormatError, match=re.escape(str(index))):
+        load_hf(sharded_hf_dir, log=quiet)
+    manifest = ckpt / "COMPLETE"
+    manifest.write_bytes(content.replace(b"weight_map", b"files"))
+    with pytest.raises(CheckpointFormatError, match=re.escape(str(manifest))):
+        export_hf(ckpt, tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- non-finite weights
+
+
+@pytest.mark.parametrize("dtype, bad_value", [
+    (torch.float32, float("nan")), (torch.float32, float("-inf")), (torch.bfloat16, float("inf")),
+    (torch.float16, float("nan")), (torch.float8_e4m3fn, float("nan")), (torch.float8_e5m2, float("-inf")),
+])
+def test_sharded_writer_refuses_non_finite_tensors(tmp_path, dtype, bad_value):
+    tensor = torch.randn(4, 8).to(dtype)
+    flat = tensor.view(-1)
+    flat[3] = bad_value
+    flat[17] = bad_value
+    with ShardedWriter(tmp_path / "out") as writer:
+        writer.add("fine.weight", torch.randn(2, 2).to(dtype))
+        writer.add("steps", torch.tensor([3, -1]))  # integers have no NaN: not checked
+        with pytest.raises(NonFiniteTensorError) as info:
+            writer.add("layers.0.broken.weight", tensor)
+    assert str(info.value) == (f"Tensor 'layers.0.broken.weight' has 2 non-finite value(s) (NaN or inf) of 32; "
+                               f"refusing to write it to {tmp_path / 'out'}.")
+    assert sorted(ShardedReader(tmp_path / "out").keys()) == ["fine.weight", "steps"]  # the refused one is not there
+
+
+def test_count_non_finite_counts_only_float_nan_and_inf():
+    assert count_non_finite(torch.zeros(0)) == count_non_finite(torch.arange(10)) == 0
+    values = torch.tensor([1.0, float("nan"), -float("inf"), 3e38, float("inf"), -0.0])
+    assert count_non_finite(values) == count_non_finite(values.double()) == 3
+    assert count_non_finite(values.t().contiguous()[1:]) == 3
+
+
+def test_save_hf_refuses_a_nan_weight_naming_the_target(tmp_path):
+    model = megads_model(tiny_cfg())
+    weight = model.layers["1"].self_attn.o_proj.weight
+    with torch.no_grad():
+        weight[0, :5] = float("nan")
+    with pytest.raises(NonFiniteTensorError) as info:
+        save_hf(model, tmp_path / "hf", log=quiet)
+    assert str(info.value) == (f"Tensor 'model.layers.1.self_attn.o_proj.weight' has 5 non-finite value(s) (NaN or "
+                               f"inf) of {weight.numel()}; refusing to write it to {tmp_path / 'hf'}.")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor its temporary
+
+
+def _overwrite_tensor_bytes(shard: Path, name: str, count: int, byte: int = 0xFF) -> None:
+    """Overwrite the first `count` data bytes of tensor `name` in a safetensors file, its header intact
+    (8 bytes little-endian header length N, N bytes of JSON header, then the data)."""
+    data = bytearray(shard.read_bytes())
+    header_length = int.from_bytes(data[:8], "little")
+    begin, _ = json.loads(data[8:8 + header_length])[name]["data_offsets"]
+    start = 8 + header_length + begin
+    data[start:start + count] = bytes([byte]) * count
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("pattern", [".mlp.experts.", ".self_attn.kv_a_proj_with_mqa."])
+def test_import_of_a_shard_with_overwritten_data_names_the_tensor_and_shard(tmp_path, capsys, pattern):
+    """A shard whose data bytes were overwritten (0xFF: NaN in FP32) imports as NaN weights unless refused;
+    megads import-hf exits 1 with one line naming the Hugging Face tensor and its shard file, and leaves
+    nothing at the target. A routed expert's tensor is read into a stack of all experts: still named."""
+    from megads.cli import main
+
+    src, dst = tmp_path / "hf", tmp_path / "ckpt"
+    save_hf(megads_model(tiny_cfg()), src, max_shard_bytes=16_000, log=quiet)
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    name = next(n for n in sorted(weight_map) if pattern in n)
+    shard = src / weight_map[name]
+    _overwrite_tensor_bytes(shard, name, 4 * 3)  # three FP32 values
+    assert main(["import-hf", str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"megads import-hf: Tensor {name!r} in {shard} has 3 non-finite value(s) (NaN or inf) of " \
+                  f"{ShardedReader(src).get(name).numel()}; refusing to write it to {dst}.\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no checkpoint, no temporary
 
 
 # ----------------------------------------------------------------------------- streaming memory

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megads.config import config_from_dict
+from megads.config import model_config_from_dict
 from megads.model.mlp import SwiGLU
 from megads.model.model import (
     IGNORE_INDEX,
@@ -36,7 +36,7 @@ def tiny(**changes):
                  max_position_embeddings=64, num_nextn_predict_layers=1, initializer_range=0.02,
                  aux_loss_alpha=0.0)
     model.update(changes)
-    return config_from_dict({"model": model}).model
+    return model_config_from_dict(model)
 
 
 def rms(x, weight, eps=1e-6):

@@ -102,6 +102,24 @@ def test_partial_and_corrupt_checkpoints(tmp_path, cache_dir):
         load_checkpoint(ckpt, model, None)
 
 
+def test_checkpoint_save_refuses_a_nan_weight(tmp_path):
+    """A NaN in the model is a one-sentence error at the save, naming the tensor; no checkpoint appears."""
+    from megads.train.checkpoint import CheckpointWriteError, save_checkpoint
+    from megads.train.model_stages import ModelStages
+    from megads.train.optimizer import build_optimizer
+    from parallel.context import ParallelContext
+
+    cfg = load_config(None, TINY)
+    stages = ModelStages(cfg, ParallelContext.single())
+    weight = dict(stages.named_parameters())
+    name = next(n for n in weight if n.endswith("o_proj.weight"))
+    with torch.no_grad():
+        weight[name].view(-1)[:3] = float("nan")
+    with pytest.raises(CheckpointWriteError, match=r"Tensor '\S*o_proj\.weight' has 3 non-finite value\(s\)"):
+        save_checkpoint(tmp_path / "checkpoints", 1, cfg, stages, build_optimizer(stages, cfg.train), {})
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+
+
 def test_loss_falls(tmp_path, cache_dir):
     train(tiny_config(tmp_path, cache_dir, "train.max_steps=12", "train.decay_steps=12", "train.save_every=0"),
           log=lambda *_: None)

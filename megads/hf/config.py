@@ -14,14 +14,13 @@ Exports are transformers-5 configs (plus DeepSeek's `scoring_func` / `topk_metho
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from megads.config import ROPE_TYPE_KEYS, YARN_KEYS, ConfigError, ModelConfig, config_from_dict
-from megads.shards import CheckpointFormatError
+from megads.config import ROPE_TYPE_KEYS, YARN_KEYS, ConfigError, ModelConfig, model_config_from_dict
+from megads.shards import CheckpointFormatError, read_json_object
 
 Log = Callable[[str], None]
 
@@ -195,7 +194,7 @@ def model_config_from_hf(hf: dict, log: Log = print) -> ModelConfig:
             fields[key] = value
             log(f"hf config: {key} = {value!r} (not in config.json; {why})")
     fields["rope_theta"], fields["rope_scaling"] = _rope_from_hf(hf, log)
-    return config_from_dict({"model": fields}).model
+    return model_config_from_dict(fields)
 
 
 def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
@@ -257,10 +256,8 @@ def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype = torch.flo
 
 
 def read_hf_config(directory: str | Path) -> dict:
+    """The settings in `directory`/config.json; a missing or damaged file is a CheckpointFormatError naming it."""
     path = Path(directory) / HF_CONFIG
     if not path.is_file():
         raise CheckpointFormatError(f"{directory} is not a Hugging Face model directory (no {HF_CONFIG}).")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointFormatError(f"{path} is not valid JSON ({err}).") from None
+    return read_json_object(path)

@@ -19,20 +19,33 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from megads.config import Config, ModelConfig, dump_config
+from megads.config import ModelConfig, config_for_model, dump_config
 from megads.hf.config import HF_CONFIG, Log, hf_config_from_model_config, model_config_from_hf, read_hf_config
-from megads.hf.names import hf_mtp_depths, hf_tensors_to_megads, megads_state_shapes, megads_tensors_to_hf
+from megads.hf.names import (
+    hf_mtp_depths,
+    hf_source_names,
+    hf_tensors_to_megads,
+    megads_state_shapes,
+    megads_tensors_to_hf,
+)
 from megads.model.model import DeepSeekV3
 from megads.model.moe import MoE, Router
 from megads.model.rope import RotaryEmbedding, rope_frequencies
-from megads.shards import DEFAULT_SHARD_BYTES, CheckpointFormatError, ShardedReader, ShardedWriter
+from megads.shards import (
+    DEFAULT_SHARD_BYTES,
+    CheckpointFormatError,
+    NonFiniteTensorError,
+    ShardedReader,
+    ShardedWriter,
+    count_non_finite,
+)
 from megads.train.checkpoint import (
     finalize_directory,
     read_checkpoint_config,
     resolve_checkpoint,
-    verify_manifest,
     write_model_weights,
 )
+from megads.train.manifest import verify_manifest
 
 PROGRESS_EVERY_S = 5.0
 
@@ -86,8 +99,10 @@ def _staged_directory(target: Path, finalize: Callable[[Path, Path], None]):
         if target.exists():
             target.rmdir()  # empty, checked above
         finalize(tmp, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, NonFiniteTensorError):  # name the directory asked for, not the vanished temporary
+            raise err.restated(destination=target) from None
         raise
 
 
@@ -190,8 +205,8 @@ def import_hf(hf_dir: str | Path, ckpt_dir: str | Path, seed: int = 0, max_shard
               log: Log = print) -> Path:
     """Convert a Hugging Face directory into a megads checkpoint directory without building the model.
 
-    The checkpoint holds config.yaml (the imported model section, defaults elsewhere), model/ and
-    the COMPLETE manifest, and no training state. Missing MTP depths are written freshly
+    The checkpoint holds config.yaml (the imported model section, defaults elsewhere: config_for_model),
+    model/ and the COMPLETE manifest, and no training state. Missing MTP depths are written freshly
     initialised (as build_model(cfg, seed) would), so the checkpoint always matches its config.
     """
     hf_dir, ckpt_dir = Path(hf_dir), Path(ckpt_dir)
@@ -212,11 +227,28 @@ def import_hf(hf_dir: str | Path, ckpt_dir: str | Path, seed: int = 0, max_shard
                     yield f"mtp.{name}", tensor
 
     progress = _Progress(f"importing {hf_dir} into {ckpt_dir}", log)
-    with _staged_directory(ckpt_dir, lambda tmp, final: finalize_directory(tmp, final, None)) as tmp:
-        (tmp / "config.yaml").write_text(dump_config(Config(model=cfg)))
-        write_model_weights(tmp, progress.count(stream()), max_shard_bytes)
+    try:
+        with _staged_directory(ckpt_dir, lambda tmp, final: finalize_directory(tmp, final, None)) as tmp:
+            (tmp / "config.yaml").write_text(dump_config(config_for_model(cfg)))
+            write_model_weights(tmp, progress.count(stream()), max_shard_bytes)
+    except NonFiniteTensorError as err:
+        raise _non_finite_source(err, reader, cfg) from None
     progress.done()
     return ckpt_dir
+
+
+def _non_finite_source(err: NonFiniteTensorError, reader: ShardedReader, cfg: ModelConfig) -> NonFiniteTensorError:
+    """The refusal of an imported tensor restated for the Hugging Face tensor and shard file it came
+    from (a damaged shard is what the user must look at). Read again only on this failure path, so the
+    import checks each tensor once, in the writer."""
+    for hf_name in hf_source_names(err.name, cfg, set(reader.keys())):
+        if hf_name not in reader:  # a freshly initialised MTP depth
+            continue
+        tensor = reader.get(hf_name)
+        bad = count_non_finite(tensor)
+        if bad:
+            return err.restated(name=hf_name, count=bad, numel=tensor.numel(), source=reader.file_of(hf_name))
+    return err
 
 
 def export_hf(ckpt_path: str | Path, hf_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,

@@ -86,6 +86,12 @@ def _source_of(name: str, cfg: ModelConfig, available: set[str]) -> _Source:
     return _Source([hf_name])
 
 
+def hf_source_names(name: str, cfg: ModelConfig, available: set[str]) -> list[str]:
+    """The Hugging Face tensor(s) megads tensor `name` is read from (per-expert ones for a stack), given
+    the names `available` in the Hugging Face directory."""
+    return _source_of(name, cfg, available).names
+
+
 def _read(reader: ShardedReader, hf_name: str, shape: tuple) -> torch.Tensor:
     tensor = reader.get(hf_name)
     if tuple(tensor.shape) != tuple(shape):

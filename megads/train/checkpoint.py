@@ -30,7 +30,7 @@ import torch
 from megads.config import Config, dump_config, load_config
 from megads.errors import RunFailure
 from megads.shards import CheckpointFormatError, ShardedReader, ShardedWriter, merge_indexes
-from megads.train.manifest import MANIFEST, files_under, find_damage, seal_files, verify_manifest, write_manifest  # noqa: F401 (verify_manifest: re-exported)
+from megads.train.manifest import MANIFEST, files_under, find_damage, seal_files, write_manifest
 from parallel.context import ParallelContext
 from parallel.group import Group
 

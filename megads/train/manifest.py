@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
 
-from megads.shards import CheckpointFormatError
+from megads.shards import CheckpointFormatError, read_json_object
 
 MANIFEST = "COMPLETE"
 CHECKSUM = "sha256"
@@ -72,11 +72,8 @@ def read_manifest(directory: Path) -> dict:
     if not path.is_file():
         raise CheckpointFormatError(f"{directory} is not a complete checkpoint (no {MANIFEST} manifest): "
                                     f"the save that wrote it did not finish.")
-    try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointFormatError(f"The manifest {path} is damaged (not UTF-8 JSON).") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+    manifest = read_json_object(path)
+    files = manifest.get("files")
     if not isinstance(files, dict) or not all(_valid_entry(name, entry) for name, entry in files.items()):
         raise CheckpointFormatError(f"The manifest {path} is damaged (it does not list files with their sizes).")
     return manifest
