@@ -7,7 +7,7 @@ state):
     model/               safetensors of the full (unsharded) model state, megads parameter names
     optimizer/rank_R.pt  each rank's optimizer shard (ZeRO-1; torch.save, loaded with weights_only=True)
     trainer_state.pt     step, RNG states, anything else the loop needs to resume bit for bit
-    COMPLETE             JSON manifest written last: step, every file with its size and sha256
+    COMPLETE             JSON manifest written last: step, every file with its size and xxh3-128 checksum
 
 `step_N` holds exactly the state after N optimizer steps (the training loop saves only between
 steps). Everything is written into a temporary sibling directory that is renamed into place only
@@ -85,7 +85,7 @@ def _attempt(action: Callable[[], None], path: Path) -> Optional[str]:
         return None
     except CheckpointFormatError as err:  # e.g. a non-finite tensor: its own sentence
         return str(err).rstrip(".")
-    except (OSError, RuntimeError, ValueError) as err:  # torch.save reports a full disk as RuntimeError
+    except Exception as err:  # torch.save reports a full disk as RuntimeError, safetensors as SafetensorError
         return describe_error(err, path)
 
 

@@ -4,35 +4,38 @@ The manifest is written last, so its presence means the save finished; its check
 file damaged afterwards (a flipped bit on disk, a partial copy, random bytes from a broken
 filesystem) is found when the checkpoint is loaded, named, and never trained on.
 
-Checksums are computed by the rank that wrote each file, right after writing it, in a few threads
-that also flush it to disk (`seal_files`): hashing releases the GIL and overlaps with the flush,
-and under parallelism every rank hashes only its own files. Verification on load is split the
+Checksums (xxh3-128: a damage check at memory speed, not a signature) are computed by the rank
+that wrote each file, right after writing it, from the page cache, in a few threads that also
+flush it to disk (`seal_files`); under parallelism every rank hashes only its own files. Verification on load is split the
 same way: each rank checks a share of the files and the ranks agree on the result.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
 
+import xxhash
+
 from megads.shards import CheckpointFormatError, read_json_object
 
 MANIFEST = "COMPLETE"
-CHECKSUM = "sha256"
-_CHUNK_BYTES = 16 * 1024 * 1024
+CHECKSUM = "xxh3_128"  # a checksum against damage, not a signature against tampering
 _THREADS = 4
 
 
 def file_checksum(path: Path) -> str:
-    digest = hashlib.new(CHECKSUM)
+    """The file's xxh3-128 (hex). Mapped, not read: hashing a freshly written file from the page
+    cache then costs about 1 ms per 30 MB here, where reading it into memory first costs 7x that."""
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+        if os.fstat(f.fileno()).st_size == 0:
+            return xxhash.xxh3_128_hexdigest(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return xxhash.xxh3_128_hexdigest(mapped)
 
 
 def _seal(path: Path) -> dict:
