@@ -17,17 +17,26 @@ one copy slower.) `step()`:
 1. reduce-scatters each bucket's gradient (sum over the group, then / grad_divisor): each rank
    gets the averaged gradient of its shard only;
 2. computes the global gradient norm from those shards (below) and, if it is not finite, returns
-   without changing anything (`StepResult(grad_norm, skipped=True)`, the same on every rank,
-   since every rank sees the same all-reduced norm);
+   without changing anything (`StepResult(grad_norm, skipped=True, reason=NONFINITE_GRAD_NORM)`,
+   the same on every rank, since every rank sees the same all-reduced norm);
 3. clips the shards by max_norm / (norm + 1e-6) when that is below 1 (torch's clip_grad_norm_);
-4. runs AdamW (torch.optim.AdamW's update, decoupled weight decay) on the FP32 master weights
+4. asks whether AdamW's update of its shard would leave every master weight, moment and (cast)
+   parameter finite (parallel.adamw.adamw_step_stays_finite: a bound from four reductions per
+   tensor, and the update itself on copies where the bound cannot tell, so exact) and
+   all-reduces the answer over the norm's groups, which span every rank; if any rank's would
+   not, every rank returns without changing anything (`reason=NONFINITE_UPDATE`). Finite
+   gradients do not make a finite update: a huge lr or weight decay, or a weight already near the
+   FP32 maximum, overflow it. Deciding before updating is what keeps a skipped step traceless,
+   since an update done in place cannot be undone exactly;
+5. runs AdamW (torch.optim.AdamW's update, decoupled weight decay) on the FP32 master weights
    and moments of its shard only: the optimizer state is 3 fp32 numbers per element / g;
-5. all-gathers the updated shards (cast to the parameter dtype) into the model parameters.
+6. all-gathers the updated shards (cast to the parameter dtype) into the model parameters.
 
 Every group is a `parallel.group.Group` (None: size 1) and every collective is one of its methods.
-Step 2's all-reduce is the only collective besides the reduce-scatters and all-gathers. After
-`step`, `p.grad` still holds this rank's local (not reduced, not clipped) gradient; unlike a
-plain optimizer, the averaged and clipped gradient exists only as shards.
+The two one-element all-reduces of steps 2 and 4 are the only collectives besides the
+reduce-scatters and all-gathers. After `step`, `p.grad` still holds this rank's local (not
+reduced, not clipped) gradient; unlike a plain optimizer, the averaged and clipped gradient
+exists only as shards.
 
 Gradient norm under sharding
 ----------------------------
@@ -59,7 +68,7 @@ import torch
 from torch import nn
 
 from . import zero1_checkpoint
-from .adamw import adamw_step
+from .adamw import adamw_step, adamw_step_stays_finite
 from .data_parallel import as_group, unique_trainable
 from .group import Group
 from .zero1_buckets import DEFAULT_BUCKET_SIZE, ParamSlot, plan_buckets
@@ -74,9 +83,15 @@ class DataParallelParams:
     grad_divisor: int | None = None  # gradients are summed over `group`, then divided by this (default: its size)
 
 
+# Why a step was skipped (StepResult.reason).
+NONFINITE_GRAD_NORM = "non-finite gradient norm"
+NONFINITE_UPDATE = "non-finite update"
+
+
 class StepResult(NamedTuple):
     grad_norm: float  # global norm of the averaged gradient, before clipping
-    skipped: bool  # True when that norm was not finite: nothing was updated, on any rank
+    skipped: bool  # True: nothing was updated, on any rank
+    reason: str | None = None  # why it was skipped (NONFINITE_GRAD_NORM, NONFINITE_UPDATE); None if not
 
 
 class ShardedGroup:
@@ -98,6 +113,9 @@ class ShardedGroup:
         self.exp_avg_sq: list[torch.Tensor] = []
         self.segments = [b.segments(self.rank) for b in self.buckets]
         self.decay_ranges: list[list[tuple[int, int]]] = []
+        self.param_dtypes = [params[b.slots[0].index].dtype for b in self.buckets]
+        # Elements of each shard that hold weights: segments are contiguous from 0, padding follows.
+        self.weight_numels = [segments[-1][2] if segments else 0 for segments in self.segments]
         self.norm_ranges: list[list[tuple[int, int]] | None] = []  # None: the whole shard counts
         for bucket, segments in zip(self.buckets, self.segments):
             first = params[bucket.slots[0].index]
@@ -224,7 +242,7 @@ class DistributedOptimizer:
         opt.zero_grad()
         for micro_batch in micro_batches:
             (loss(micro_batch) / len(micro_batches)).backward()
-        result = opt.step(max_grad_norm=1.0)   # StepResult(grad_norm, skipped)
+        result = opt.step(max_grad_norm=1.0)   # StepResult(grad_norm, skipped, reason)
 
     Produces the parameters torch.optim.AdamW produces on the whole model with the gradients
     averaged over DP and clipped by torch.nn.utils.clip_grad_norm_ (up to fp32 reordering).
@@ -314,8 +332,9 @@ class DistributedOptimizer:
         """Reduce-scatter, norm, (clip,) AdamW on this rank's shards, all-gather. A collective of all ranks.
 
         `max_grad_norm`: clip the global norm to it (None or <= 0: measure only). Returns the norm
-        before clipping; a non-finite norm skips the update on every rank (parameters, moments and
-        step count unchanged).
+        before clipping. The step is skipped on every rank (parameters, moments and step count
+        unchanged; `reason` says why) when the norm is not finite, or when the update would make a
+        master weight, a moment or a parameter non-finite on any rank.
         """
         for g in self.sharded_groups:
             g.collect_grads()
@@ -324,16 +343,24 @@ class DistributedOptimizer:
         norm_t = self._global_norm(grads)
         norm = norm_t.item()
         if not math.isfinite(norm):
-            return StepResult(norm, True)
+            return StepResult(norm, True, NONFINITE_GRAD_NORM)
         if max_grad_norm is not None and max_grad_norm > 0:
             # torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6), never up
             coef = (max_grad_norm / (norm_t + 1e-6)).clamp(max=1.0)
             for shards in grads:
                 for shard in shards:
                     shard.mul_(coef)
-        self.steps += 1
+        step = self.steps + 1
+        stays_finite = [adamw_step_stays_finite(g.master, g.exp_avg, g.exp_avg_sq, shards, g.decay_ranges, step=step,
+                                                lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"],
+                                                weight_decay=hyper["weight_decay"], lengths=g.weight_numels,
+                                                param_dtypes=g.param_dtypes)
+                        for g, hyper, shards in zip(self.sharded_groups, self.param_groups, grads)]
+        if not self._everywhere(stays_finite):
+            return StepResult(norm, True, NONFINITE_UPDATE)
+        self.steps = step
         for g, hyper, shards in zip(self.sharded_groups, self.param_groups, grads):
-            adamw_step(g.master, g.exp_avg, g.exp_avg_sq, shards, g.decay_ranges, step=self.steps, lr=hyper["lr"],
+            adamw_step(g.master, g.exp_avg, g.exp_avg_sq, shards, g.decay_ranges, step=step, lr=hyper["lr"],
                        betas=hyper["betas"], eps=hyper["eps"], weight_decay=hyper["weight_decay"])
             g.all_gather_params(self._scratch)
         return StepResult(norm, False)
@@ -347,6 +374,17 @@ class DistributedOptimizer:
         self.data_parallel_group.all_reduce(total)  # each a no-op at size 1
         self.model_parallel_group.all_reduce(total)
         return total.sqrt()[0]
+
+    def _everywhere(self, flags: list[torch.Tensor]) -> bool:
+        """Whether every flag (0-dim bool tensors, this rank's) is true on every rank: one read of the device.
+
+        Reduced over the norm's two groups: the dense DP group (which EDP x EP spans, so it holds
+        every expert shard's owner), then the model-parallel group (TP x PP). Together they reach
+        every rank of the world, so every rank gets the same answer."""
+        failed = torch.stack(flags).logical_not().sum(dtype=torch.float32).reshape(1)
+        self.data_parallel_group.all_reduce(failed)  # each a no-op at size 1
+        self.model_parallel_group.all_reduce(failed)
+        return failed.item() == 0
 
     @torch.no_grad()
     def reload_model_params(self) -> None:

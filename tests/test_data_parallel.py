@@ -25,7 +25,7 @@ from torch import nn
 from parallel.data_parallel import allreduce_gradients
 from parallel.group import Group
 from parallel.tensor import gather_from_sequence_parallel_region, reduce_scatter_to_sequence_parallel_region
-from parallel.zero1 import DataParallelParams, DistributedOptimizer
+from parallel.zero1 import NONFINITE_GRAD_NORM, DataParallelParams, DistributedOptimizer
 from parallel.zero1_buckets import plan_buckets
 from tools.harness.distributed import run_distributed
 
@@ -185,6 +185,7 @@ def run_nonfinite_skip(ep: int):
     for step, poison in ((1, nan_in_dense_on_rank_1), (2, inf_in_experts_on_last_rank)):
         result = train_step(layout, model, opt, step, poison=poison)
         assert result.skipped, f"step {step} was not skipped on rank {layout.rank}"
+        assert result.reason == NONFINITE_GRAD_NORM
         assert not torch.isfinite(torch.tensor(result.grad_norm))
         after = snapshot(model)
         assert all(torch.equal(after[k], before[k]) for k in before), "a skipped step changed parameters"
@@ -473,7 +474,7 @@ def test_group_none_is_plain_adamw_and_skips_nonfinite():
     loss_fn(model, *global_batch(0, 1)).backward()
     model.norm.grad[0] = float("nan")
     result = opt.step(max_grad_norm=MAX_NORM)
-    assert result.skipped and opt.steps == STEPS
+    assert result.skipped and result.reason == NONFINITE_GRAD_NORM and opt.steps == STEPS
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
 
 

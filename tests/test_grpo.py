@@ -12,6 +12,7 @@ registered for the run) so that every group has reward variance and the loss is 
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,15 @@ def test_policy_iterations_move_the_ratio(init_checkpoint, tmp_path):
     cfg = make_config(init_checkpoint, tmp_path, rl={"policy_iterations": 3})
     (record, _), = run_steps(cfg, 1)
     assert record["ppo_kl"] != 0.0                          # iterations 2 and 3 are off-policy
+
+
+def test_a_skipped_update_is_reported(init_checkpoint, tmp_path):
+    """An lr that overflows AdamW's update: every policy iteration's step is skipped by the optimizer
+    (the gradients are finite), and the record says so."""
+    cfg = make_config(init_checkpoint, tmp_path, rl={"policy_iterations": 2}, train={"lr": 1e38, "min_lr": 1e38})
+    (record, _), = run_steps(cfg, 1)
+    assert record["skipped"] and record["skip_reason"] == "non-finite update"
+    assert math.isfinite(record["grad_norm"])
 
 
 def _layout_worker(init_from, output_dir, parallel, micro_batch_size, rl=None):

@@ -14,6 +14,7 @@ import torch
 from megads.config import dump_config
 from megads.shards import ShardedReader
 from megads.train.checkpoint import list_checkpoints
+from megads.cli import main as cli_main
 from megads.train.stopping import Interrupted
 from megads.train.trainer import train
 from test_train import tiny_config
@@ -133,3 +134,15 @@ def test_a_crash_loses_nothing_before_the_last_checkpoint(tmp_path, cache_dir, u
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_2"]
     train(cfg, log=lambda *_: None)
     assert_same_run(tmp_path, uninterrupted)
+
+
+def test_steps_that_keep_being_skipped_stop_the_run(tmp_path, cache_dir, capsys):
+    """A learning rate so large that every update would overflow: no update is applied, and the run
+    stops after train.max_skipped_steps of them instead of skipping forever."""
+    args = overrides(tmp_path, cache_dir, "train.max_steps=20", "train.lr=1e38", "train.min_lr=0",
+                     "train.max_skipped_steps=3", "train.save_every=0")
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the last 3 steps were all skipped" in err[0] and "train.max_skipped_steps" in err[0]
+    assert [r["skipped"] for r in records(tmp_path)] == [True, True, True]
+    assert list_checkpoints(tmp_path / "checkpoints") == []

@@ -51,12 +51,24 @@ def test_metrics_record_every_step(tmp_path, cache_dir):
     for r in records:
         for key in ("loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "mtp_loss_depth_1", "balance_loss"):
             assert key in r and r[key] is not None, key
-        assert r["skipped"] is False
+        assert r["skipped"] is False and r["skip_reason"] is None
         assert set(r["expert_load_max_over_mean"]) == {"layers.1", "mtp.0.block"}
     assert records[0]["lr"] == pytest.approx(learning_rate(0, load_config(None, TINY).train))
     assert result.last_step == 4
     assert (tmp_path / "tensorboard").is_dir()
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_3", "step_4"]
+
+
+def test_an_lr_that_overflows_the_update_skips_every_step(tmp_path, cache_dir):
+    """Issue #12: finite gradients, but lr = 1e38 makes AdamW's update non-finite. The optimizer
+    skips the step and says why, so the weights stay finite and so does every later step's loss
+    (not inf/NaN weights and every later step skipped for a non-finite loss)."""
+    train(tiny_config(tmp_path, cache_dir, "train.max_steps=2", "train.lr=1e38", "train.min_lr=1e38"),
+          log=lambda *_: None)
+    records = read_metrics(tmp_path)
+    assert [(r["skipped"], r["skip_reason"]) for r in records] == [(True, "non-finite update")] * 2
+    assert all(r["loss"] is not None and r["grad_norm"] is not None for r in records)  # finite (null if not)
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path).values())
 
 
 def test_resume_is_bit_for_bit(tmp_path, cache_dir):

@@ -126,7 +126,7 @@ def bench_worker(raw_cfg: dict, tp: int, ep: int, steps: int, warmup: int, threa
             times.append(elapsed)
             stats.merge(step_stats)
         if record["skipped"]:
-            raise RuntimeError(f"step {step} was skipped (non-finite loss or gradient)")
+            raise RuntimeError(f"step {step} was skipped ({record['skip_reason']})")
     return {"rank": ctx.rank, "times": times, "stats": stats, "loss": record["loss"],
             "peak_kb": _status_kb("VmHWM"), "rss_start_kb": rss_start_kb, "peak_reset": peak_reset,
             "params": model.num_parameters(), "threads": torch.get_num_threads()}

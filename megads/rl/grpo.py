@@ -30,7 +30,6 @@ One step, for every layout (TP, PP with any schedule, EP, DP):
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -281,7 +280,7 @@ class GRPOTrainer:
         batches = self.update_batches(rollout, advantages[mine_rows].to(ctx.device), mask.float(), ref_logp)
         loss = PolicyLoss(self.cfg, norm, scale=float(self.policy.num_microbatches * ctx.dp.size))
         totals: dict[str, float] = {}
-        grad_norms = []
+        results = []  # each policy iteration's optimizer StepResult
         for iteration in range(rl.policy_iterations):
             lr = learning_rate(step, t)
             for group in self.optimizer.param_groups:
@@ -297,7 +296,7 @@ class GRPOTrainer:
                     continue                                       # the rollout is compared with the first pass
                 totals[key] = totals.get(key, 0.0) + value / (1 if key == "logprob_gap" else rl.policy_iterations)
             result = self.optimizer.step(max_grad_norm=t.grad_clip if t.grad_clip > 0 else None)
-            grad_norms.append(result.grad_norm)
+            results.append(result)
             if not result.skipped:
                 self.policy.update_router_biases(self.cfg.model.bias_update_speed, reduce_loads=ctx.stage.sum)
             else:
@@ -310,9 +309,11 @@ class GRPOTrainer:
                   "completion_length_mean": lengths.mean().item(),
                   "truncated_fraction": truncated.float().mean().item(),
                   "zero_variance_groups": int(zero_variance_groups(grouped).sum().item()), "resample_rounds": rounds,
-                  "grad_norm": grad_norms[-1], "lr": lr, "rollout_s": rollout_s, "update_s": elapsed - rollout_s,
+                  "grad_norm": results[-1].grad_norm, "lr": lr, "rollout_s": rollout_s, "update_s": elapsed - rollout_s,
                   "step_time_s": elapsed, "kv_cache_bytes": rollout.cache_bytes,
-                  "skipped": not all(math.isfinite(g) for g in grad_norms)}
+                  # any iteration skipped (by the optimizer, alike on every rank), and the first one's why
+                  "skipped": any(r.skipped for r in results),
+                  "skip_reason": next((r.reason for r in results if r.skipped), None)}
         return record
 
     def evaluate(self) -> dict:

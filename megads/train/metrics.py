@@ -80,5 +80,5 @@ class ProgressPrinter:
         parts += [f"lr {m['lr']:.2e}", f"grad {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s",
                   f"eta {eta:.0f}s"]
         if m.get("skipped"):
-            parts.append("SKIPPED (non-finite loss or gradient)")
+            parts.append(f"SKIPPED ({m.get('skip_reason') or 'non-finite'})")
         self.log(" | ".join(parts))

@@ -226,12 +226,15 @@ def train_step(model: ModelStages, optimizer, cfg: Config, step: int,
     sums = _average_metrics(sums, ctx)
     fp8_nonfinite = sums.pop("fp8_nonfinite", 0.0)
 
-    # identical on all ranks (averaged)
-    skipped = not all(math.isfinite(v) for v in sums.values()) or fp8_nonfinite > 0
-    grad_norm = math.nan
-    if not skipped:
+    # identical on all ranks (averaged; the optimizer decides alike everywhere)
+    grad_norm, skipped, skip_reason = math.nan, True, None
+    if not all(math.isfinite(v) for v in sums.values()):
+        skip_reason = "non-finite loss"
+    elif fp8_nonfinite > 0:
+        skip_reason = "non-finite FP8 quantization input"
+    else:
         result = optimizer.step(max_grad_norm=t.grad_clip if t.grad_clip > 0 else None)
-        grad_norm, skipped = result.grad_norm, result.skipped
+        grad_norm, skipped, skip_reason = result.grad_norm, result.skipped, result.reason
     if skipped:
         for moe in model.moe_layers():
             moe.tokens_per_expert.zero_()
@@ -242,7 +245,7 @@ def train_step(model: ModelStages, optimizer, cfg: Config, step: int,
 
     record = {"step": step + 1, "loss": sums.get("loss"), "mtp_loss": sums.get("mtp_loss"), "lr": lr,
               "grad_norm": grad_norm, "tokens_per_s": tokens * ctx.dp.size / elapsed, "step_time_s": elapsed,
-              "skipped": skipped}
+              "skipped": skipped, "skip_reason": skip_reason}
     for key in sorted(sums):
         if key.startswith("mtp_loss_depth_") or key == "balance_loss":
             record[key] = sums[key]
