@@ -163,10 +163,23 @@ def test_grpo_resumes_exactly_and_exports(init_checkpoint, tmp_path):
     resumed = make_config(init_checkpoint, tmp_path / "resumed", train={"max_steps": 1})
     grpo(resumed, log=lambda *_: None, registry=registry())
     grpo(make_config(init_checkpoint, tmp_path / "resumed"), log=lambda *_: None, registry=registry())
-    a, b = read(tmp_path / "straight"), read(tmp_path / "resumed")
-    assert [r["step"] for r in b] == [1, 2]
+    # SIGTERM in the middle of step 1's update: the step completes, is saved as step_1, and resumes exactly.
+    from megads.train.stopping import Interrupted
+    from tools.harness.faults import install
+
+    injector = install("sigterm@optimizer:1")
+    try:
+        with pytest.raises(Interrupted) as stop:
+            grpo(make_config(init_checkpoint, tmp_path / "signalled"), log=lambda *_: None, registry=registry())
+    finally:
+        injector.remove()
+    assert stop.value.step == 1 and stop.value.checkpoint.name == "step_1"
+    grpo(make_config(init_checkpoint, tmp_path / "signalled"), log=lambda *_: None, registry=registry())
+    a, b, c = read(tmp_path / "straight"), read(tmp_path / "resumed"), read(tmp_path / "signalled")
+    assert [r["step"] for r in b] == [1, 2] and [r["step"] for r in c] == [1, 2]
     keys = ("loss", "reward_mean", "grad_norm", "entropy", "logprob_gap", "completion_length_mean")
     assert [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
+    assert [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in c]
     assert a[-1]["eval_accuracy"] == b[-1]["eval_accuracy"]     # (the stopped run also evaluated at its end)
     for field in ("step", "loss", "reward_mean", "accuracy", "ppo_kl", "clip_fraction", "kl_ref", "entropy",
                   "completion_length_mean", "zero_variance_groups", "logprob_gap", "grad_norm"):

@@ -148,7 +148,9 @@ def interrupt_case(action: str, point: str, step: int, status: int) -> Callable[
     run equal to the uninterrupted one."""
     def run(lab: Lab) -> Outcome:
         reference = lab.uninterrupted()
-        save_every = "train.save_every=2" if action == "kill" else "train.save_every=0"
+        # A signal needs no scheduled save (except at the save point, reached only when one is due).
+        save_every = {"kill": "train.save_every=2", "save": "train.save_every=3"}.get(
+            action if action == "kill" else point, "train.save_every=0")
         path, cfg = lab.config(save_every)
         out = Path(cfg.train.output_dir)
         done = lab.megads("train", str(path), fault=f"{action}@{point}:{step}")
@@ -261,7 +263,8 @@ def hf_directory(damage: str) -> Callable[[Lab], Outcome]:
 
 
 def huge_lr(lab: Lab) -> Outcome:
-    path, cfg = lab.config("train.lr=1e38", "train.min_lr=0", "train.max_skipped_steps=3", "train.max_steps=20")
+    path, cfg = lab.config("train.lr=1e38", "train.min_lr=0", "train.max_skipped_steps=3", "train.max_steps=20",
+                           "train.save_every=0")
     done = lab.megads("train", str(path))
     outcome = one_sentence(done, 1, "max_skipped_steps")
     out = Path(cfg.train.output_dir)
