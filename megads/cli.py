@@ -5,6 +5,7 @@
     megads grpo CONFIG [--set ...]                       GRPO from rl.init_from (rl section)
     megads import-hf HF_DIR CKPT_DIR                     Hugging Face DeepSeek-V3 dir -> megads checkpoint
     megads export-hf CKPT_DIR HF_DIR                     megads checkpoint (or run dir) -> Hugging Face dir
+    megads convert-checkpoint SRC DST --set parallel.…   a checkpoint for another layout (resume with it)
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def _export_hf(args) -> int:
     return 0
 
 
+def _convert_checkpoint(args) -> int:
+    from megads.train.convert_checkpoint import convert_checkpoint
+
+    convert_checkpoint(args.source, args.target, args.set)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megads", description="Train DeepSeek-V3-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("hf_dir")
     exp.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GiB)")
     exp.set_defaults(func=_export_hf)
+
+    conv = sub.add_parser("convert-checkpoint", help="a checkpoint (or run directory) for another parallel layout")
+    conv.add_argument("source", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    conv.add_argument("target", help="new run directory: TARGET/checkpoints/step_N and TARGET/config.yaml")
+    conv.add_argument("--set", nargs="+", default=[], metavar="parallel.KEY=VALUE", help="the new layout")
+    conv.set_defaults(func=_convert_checkpoint)
     return parser
 
 

@@ -404,6 +404,15 @@ class DistributedOptimizer:
         zero1_checkpoint.load_shard_state_dict."""
         zero1_checkpoint.load_shard_state_dict(self, state)
 
+    def parameter_moments(self, names: tuple[str, ...] = zero1_checkpoint.MOMENTS) -> dict:
+        """AdamW's moments shaped like the parameters, by id(parameter) (a collective): see
+        zero1_checkpoint.parameter_moments."""
+        return zero1_checkpoint.parameter_moments(self, names)
+
+    def load_parameter_moments(self, moments: dict, steps: int) -> None:
+        """Keep this rank's shards of parameter-shaped moments: see zero1_checkpoint.load_parameter_moments."""
+        zero1_checkpoint.load_parameter_moments(self, moments, steps)
+
     def full_state_dict(self) -> dict:
         """The unsharded state, gathered to rank 0 of each param group's group (a collective): see
         zero1_checkpoint.full_state_dict."""

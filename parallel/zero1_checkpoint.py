@@ -133,3 +133,46 @@ def load_full_state_dict(optimizer: DistributedOptimizer, state: dict) -> None:
                 for slot, a, b, po in segments:
                     dst[a:b].copy_(per_param[slot.index][key].reshape(-1)[po:po + b - a])
     _load_common(optimizer, state)
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@torch.no_grad()
+def parameter_moments(optimizer: DistributedOptimizer, names: tuple[str, ...] = MOMENTS
+                      ) -> dict[int, dict[str, torch.Tensor]]:
+    """AdamW's moments `names` shaped like the parameters, on every rank of each param group's
+    group: {id(parameter): {"exp_avg": ..., "exp_avg_sq": ...}} (FP32). A collective (one
+    all-gather per bucket and moment); the layout-free checkpoint gathers these across TP/EP ranks
+    like the weights, so that a run resumes under another layout (load_parameter_moments). Ask for
+    one moment at a time to hold one parameter-shaped copy instead of two."""
+    out: dict[int, dict[str, torch.Tensor]] = {id(p): {} for g in optimizer.sharded_groups for p in g.params}
+    for g in optimizer.sharded_groups:
+        for i, bucket in enumerate(g.buckets):
+            for name in names:
+                shard = getattr(g, name)[i].float()
+                if g.size == 1:
+                    full = shard
+                else:
+                    full = torch.empty(bucket.padded_numel, dtype=shard.dtype, device=shard.device)
+                    g.group.all_gather_into(full, shard.contiguous())
+                for slot in bucket.slots:
+                    p = g.params[slot.index]
+                    out[id(p)][name] = full[slot.offset:slot.offset + slot.numel].view(p.shape).clone()
+    return out
+
+
+@torch.no_grad()
+def load_parameter_moments(optimizer: DistributedOptimizer, moments: dict[int, dict[str, torch.Tensor]],
+                           steps: int) -> None:
+    """The inverse of parameter_moments on this rank's shards (local, no communication): each rank
+    keeps its part of every parameter's moments, whatever layout they were saved under. The
+    masters are not touched (reload_model_params after loading the weights)."""
+    for g in optimizer.sharded_groups:
+        for i, segments in enumerate(g.segments):
+            for name in MOMENTS:
+                dst = getattr(g, name)[i]
+                dst.zero_()
+                for slot, a, b, po in segments:
+                    dst[a:b].copy_(moments[id(g.params[slot.index])][name].reshape(-1)[po:po + b - a])
+    optimizer.steps = int(steps)

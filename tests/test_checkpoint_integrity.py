@@ -67,7 +67,7 @@ def test_manifest_lists_every_file_with_its_checksum(run_dir):
         assert entry == {"bytes": (ckpt / name).stat().st_size, "xxh3_128": file_checksum(ckpt / name)}
 
 
-@pytest.mark.parametrize("victim", ["model/model-00001-of-00001.safetensors", "optimizer/rank_00000.pt",
+@pytest.mark.parametrize("victim", ["model/model-00001-of-00001.safetensors", "optimizer/exp_avg_sq-00001-of-00001.safetensors",
                                     "trainer_state.pt", "config.yaml"])
 def test_damaged_file_is_named_with_the_checkpoint_to_fall_back_to(victim, run_dir, cache_dir):
     overwrite_middle(run_dir / "checkpoints" / "step_4" / victim, os.urandom(16))
@@ -107,7 +107,7 @@ def test_damaged_manifest_is_one_sentence(content, complaint, run_dir, cache_dir
     assert str(run_dir / "checkpoints" / "step_4" / MANIFEST) in str(err.value)
 
 
-@pytest.mark.parametrize("victim", ["trainer_state.pt", "optimizer/rank_00000.pt"])
+@pytest.mark.parametrize("victim", ["trainer_state.pt"])
 def test_garbage_torch_files_under_a_size_only_manifest_are_one_sentence(victim, run_dir, cache_dir):
     """Checkpoints written before checksums list sizes only: garbage of the right size still fails
     with a sentence naming the file (and no pickle runs: weights_only)."""
@@ -130,7 +130,7 @@ def test_a_failed_save_is_one_sentence_and_keeps_the_previous_checkpoint(run_dir
     real_save = torch.save
 
     def full_disk(obj, path, *args, **kwargs):
-        if "optimizer" in str(path):
+        if "trainer_state" in str(path):
             raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1024 vs 960")
         return real_save(obj, path, *args, **kwargs)
 
@@ -138,7 +138,7 @@ def test_a_failed_save_is_one_sentence_and_keeps_the_previous_checkpoint(run_dir
     with pytest.raises(CheckpointWriteError) as err:
         resume(run_dir, cache_dir)
     message = str(err.value)
-    assert message.startswith("Could not save checkpoint step_6: ") and "rank_00000.pt" in message
+    assert message.startswith("Could not save checkpoint step_6: ") and "trainer_state.pt" in message
     assert f"the latest complete checkpoint is still {run_dir / 'checkpoints' / 'step_4'}" in message
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_2", "step_4"]
     assert not list((run_dir / "checkpoints").glob(".step_*"))

@@ -334,7 +334,7 @@ CASES: list[tuple[str, str, str, Callable[[Lab], Outcome]]] = [
     ("2 multi-rank", "rank 1 killed, no launcher", "rank 0: exit 1, one line", stuck_rank("kill")),
     ("2 multi-rank", "rank 1 stuck (SIGSTOP), no launcher", "rank 0: exit 1 after the timeout", stuck_rank("hang")),
     *[("3 corruption", f"random bytes in {v}", "exit 1 naming it and step_2, nothing deleted", damaged_checkpoint(v))
-      for v in ("model/model-00001-of-00001.safetensors", "optimizer/rank_00000.pt", "trainer_state.pt", "config.yaml")],
+      for v in ("model/model-00001-of-00001.safetensors", "optimizer/exp_avg-00001-of-00001.safetensors", "trainer_state.pt", "config.yaml")],
     ("3 corruption", "HF shard data overwritten (import-hf)", "exit 1 naming tensor and shard", hf_directory("shard")),
     ("4 non-finite", "train.lr: 1e38 (every update overflows)", "exit 1 after max_skipped_steps", huge_lr),
     ("4 non-finite", "train.lr: .inf", "exit 2 naming train.lr", config_value("train.lr=.inf", 2, "train.lr")),

@@ -278,20 +278,23 @@ class DeepSeekV3(nn.Module):
         return {(f"{m}.{n}" if m else n): (module, n) for m, module in self.named_modules()
                 for n, _ in module.named_parameters(recurse=False)}
 
-    def full_state(self):
+    def full_state(self, local: Optional[dict[str, torch.Tensor]] = None):
         """(name, full unsharded tensor) for every entry of state_dict(), gathered across TP/EP ranks.
 
-        A collective under tensor/expert parallelism: every rank must iterate it to the end.
+        `local`: tensors shaped like this rank's parameters (e.g. an optimizer's moments), by
+        parameter name, to gather instead of the state. A collective under tensor/expert
+        parallelism: every rank must iterate it to the end.
         """
         owners = self._parameter_owners()
-        for name, tensor in self.state_dict().items():
+        for name, tensor in (self.state_dict() if local is None else local).items():
             yield name, gather_full(*owners[name], tensor) if name in owners else tensor
 
     @torch.no_grad()
-    def load_full_state(self, get_tensor) -> None:
-        """Fill every state_dict() entry with this rank's shard of `get_tensor(name)` (a full tensor)."""
+    def load_full_state(self, get_tensor, into: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Fill every state_dict() entry (or every tensor of `into`, by parameter name) with this
+        rank's shard of `get_tensor(name)` (a full tensor)."""
         owners = self._parameter_owners()
-        for name, target in self.state_dict().items():
+        for name, target in (self.state_dict() if into is None else into).items():
             full = get_tensor(name)
             shard = local_shard(*owners[name], full) if name in owners else full
             if shard.shape != target.shape:
@@ -338,11 +341,13 @@ def local_shard(module: nn.Module, param_name: str, full: torch.Tensor) -> torch
 
 
 def gather_full(module: nn.Module, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The unsharded tensor of `module.<param_name>` (a collective over its TP or EP group when sharded)."""
+    """The unsharded tensor of which `tensor` is this rank's part, as `module.<param_name>` is (a
+    collective over its TP or EP group when sharded). `tensor` is the parameter itself or a tensor
+    of its shape (an optimizer moment)."""
     if isinstance(module, RoutedExperts):
         return gather_along_dim(tensor, 0, module.ep)
     if _is_tp_sharded_weight(module, param_name):
-        return module.full_weight()
+        return gather_along_dim(tensor.detach(), module.partition_dim, module.tp)
     return tensor.detach()
 
 

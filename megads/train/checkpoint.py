@@ -5,7 +5,9 @@ state):
 
     config.yaml          the full megads config of the run
     model/               safetensors of the full (unsharded) model state, megads parameter names
-    optimizer/rank_R.pt  each rank's optimizer shard (ZeRO-1; torch.save, loaded with weights_only=True)
+    optimizer/           AdamW's moments as full tensors by parameter name (exp_avg*, exp_avg_sq*
+                         safetensors), so that any layout resumes from them; checkpoints written
+                         before had each rank's ZeRO-1 shard (optimizer/rank_R.pt: same layout only)
     trainer_state.pt     step, RNG states, anything else the loop needs to resume bit for bit
     COMPLETE             JSON manifest written last: step, every file with its size and xxh3-128 checksum
 
@@ -33,6 +35,7 @@ from megads.shards import CheckpointFormatError, ShardedReader, ShardedWriter, m
 from megads.train.manifest import MANIFEST, files_under, find_damage, seal_files, write_manifest
 from parallel.context import ParallelContext
 from parallel.group import Group
+from parallel.zero1_checkpoint import MOMENTS
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _PARTIAL_DIR = re.compile(r"^\.step_(\d+)\.tmp$")
@@ -52,8 +55,12 @@ def describe_error(err: BaseException, path: Optional[Path] = None) -> str:
 
 def write_model_weights(directory: Path, named_tensors, max_shard_bytes: Optional[int] = None,
                         prefix: str = "model") -> None:
+    _write_tensors(directory / "model", prefix, named_tensors, max_shard_bytes)
+
+
+def _write_tensors(directory: Path, prefix: str, named_tensors, max_shard_bytes: Optional[int] = None) -> None:
     kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-    with ShardedWriter(directory / "model", prefix=prefix, **kwargs) as writer:
+    with ShardedWriter(directory, prefix=prefix, **kwargs) as writer:
         for name, tensor in named_tensors:
             writer.add(name, tensor)
 
@@ -126,12 +133,22 @@ def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model, optimi
             mine += [str(p.relative_to(tmp)) for p in (tmp / "model").glob(f"{prefix}[-.]*")]
     for _ in state:  # what a failed write left ungathered: the other ranks are still gathering it
         pass
-    optimizer_file = tmp / "optimizer" / f"rank_{ctx.rank:05d}.pt"
-    error = error or _attempt(lambda: torch.save(optimizer.state_dict(), optimizer_file), optimizer_file)
-    mine.append(str(optimizer_file.relative_to(tmp)))
+    # AdamW's moments, gathered and written like the weights (full tensors by parameter name), so
+    # that the run can resume under any layout.
+    for moment in MOMENTS:  # one at a time: one parameter-shaped copy held
+        moments = optimizer.parameter_moments((moment,))
+        state = model.full_state({pid: m[moment] for pid, m in moments.items()})
+        if ctx.tp.rank == 0 and ctx.dp.rank == 0:
+            prefix = moment if ctx.pp.size == 1 else f"{moment}-stage{ctx.pp.rank:03d}"
+            error = error or _attempt(lambda: _write_tensors(tmp / "optimizer", prefix, state), tmp / "optimizer")
+            mine += [str(p.relative_to(tmp)) for p in (tmp / "optimizer").glob(f"{prefix}[-.]*")]
+        for _ in state:
+            pass
+        del moments, state
     if ctx.rank == 0:
         state_file = tmp / "trainer_state.pt"
-        error = error or _attempt(lambda: torch.save({"step": step, "world_size": ctx.world_size, **trainer_state},
+        error = error or _attempt(lambda: torch.save({"step": step, "world_size": ctx.world_size,
+                                                      "optimizer_steps": optimizer.steps, **trainer_state},
                                                      state_file), state_file)
         mine += ["trainer_state.pt", "config.yaml"]
     entries: dict = {}
@@ -148,6 +165,11 @@ def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model, optimi
                 merge_indexes(tmp / "model", prefixes, "model")
                 for prefix in prefixes:
                     entries.pop(f"model/{prefix}.safetensors.index.json", None)
+                for moment in MOMENTS:
+                    parts = [f"{moment}-stage{r:03d}" for r in range(ctx.pp.size)]
+                    merge_indexes(tmp / "optimizer", parts, moment)
+                    for part in parts:
+                        entries.pop(f"optimizer/{part}.safetensors.index.json", None)
             finalize_directory(tmp, final, step, entries)
         error = _attempt(finish, tmp)
     _raise_if_failed(world.first_reported(error), step, checkpoints_dir, tmp, ctx)
@@ -264,6 +286,30 @@ def _load_torch_file(path: Path) -> dict:
     return value
 
 
+def load_optimizer_moments(ckpt: Path, model, optimizer, state: dict) -> None:
+    """This rank's shards of AdamW's moments from their full tensors (any layout saved them), the
+    masters from the weights already loaded into `model`, and the optimizer's step count."""
+    if not isinstance(state.get("optimizer_steps"), int):
+        raise CheckpointFormatError(f"Checkpoint file {ckpt / 'trainer_state.pt'} has no optimizer step count.")
+    moments = {id(p): {} for p in model.parameters()}
+    for moment in MOMENTS:
+        reader = ShardedReader(ckpt / "optimizer", prefix=moment)
+        for p in model.parameters():
+            moments[id(p)][moment] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+        def get(name: str) -> torch.Tensor:
+            if name not in reader:
+                raise CheckpointFormatError(f"Checkpoint {ckpt} has no {moment} for {name!r} in {ckpt / 'optimizer'}.")
+            return reader.get(name)
+
+        try:
+            model.load_full_state(get, {pid: m[moment] for pid, m in moments.items()})
+        except ValueError as err:
+            raise CheckpointFormatError(f"Checkpoint {ckpt}, optimizer {moment}: {err}") from None
+    optimizer.reload_model_params()
+    optimizer.load_parameter_moments(moments, state["optimizer_steps"])
+
+
 def load_checkpoint(ckpt: Path, model, optimizer, ctx: Optional[ParallelContext] = None, verify: bool = True) -> dict:
     """Verify `ckpt` (unless the caller just did), restore the model (and this rank's optimizer
     shard); returns the trainer state saved with it (a dict with at least "step")."""
@@ -275,7 +321,9 @@ def load_checkpoint(ckpt: Path, model, optimizer, ctx: Optional[ParallelContext]
     state = _load_torch_file(state_file)
     if not isinstance(state.get("step"), int):
         raise CheckpointFormatError(f"Checkpoint file {state_file} has no step count.")
-    if optimizer is not None:
+    if optimizer is not None and (ckpt / "optimizer" / f"{MOMENTS[0]}.safetensors.index.json").is_file():
+        load_optimizer_moments(ckpt, model, optimizer, state)
+    elif optimizer is not None:
         saved_world = int(state.get("world_size", 1))
         if saved_world != ctx.world_size:
             raise CheckpointFormatError(

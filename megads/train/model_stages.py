@@ -370,12 +370,15 @@ class ModelStages:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def full_state(self, per_parameter: Optional[dict[int, torch.Tensor]] = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) of the state this rank owns (see `_primary_stages`); a collective of
-        the stage's TP/EP ranks like DeepSeekV3.full_state, which every rank must iterate."""
+        the stage's TP/EP ranks like DeepSeekV3.full_state, which every rank must iterate.
+        `per_parameter`: tensors shaped like the parameters, by id(parameter) (e.g. an optimizer
+        moment), gathered instead of the state, under the parameters' names."""
         primary, written = self._primary_stages(), set()
         for stage in sorted(self.models):
-            for name, tensor in self.models[stage].full_state():
+            local = None if per_parameter is None else self._by_name(stage, per_parameter)
+            for name, tensor in self.models[stage].full_state(local):
                 # (a shared embedding shows up in two stages: written once)
                 if self._owner_stage(stage, name) in primary and name not in written:
                     written.add(name)
@@ -384,9 +387,14 @@ class ModelStages:
     def state_names(self) -> set[str]:
         return {name for model in self.models.values() for name in model.state_dict()}
 
-    def load_full_state(self, get_tensor) -> None:
-        for model in self.models.values():
-            model.load_full_state(get_tensor)
+    def load_full_state(self, get_tensor, per_parameter: Optional[dict[int, torch.Tensor]] = None) -> None:
+        """Fill this rank's state (or the tensors of `per_parameter`, shaped like the parameters, by
+        id(parameter)) with its shards of the full tensors `get_tensor(name)`."""
+        for stage, model in self.models.items():
+            model.load_full_state(get_tensor, None if per_parameter is None else self._by_name(stage, per_parameter))
+
+    def _by_name(self, stage: int, per_parameter: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: per_parameter[id(p)] for name, p in self.models[stage].named_parameters()}
 
 
 def _to_device(value, device: torch.device):
