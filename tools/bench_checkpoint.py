@@ -65,7 +65,7 @@ def _rss_mb() -> float:
 
 def measure_optimizer_format(config: str, fmt: str) -> dict:
     """In this (fresh) process: save and load the optimizer state in format `fmt` once."""
-    from megads.train.checkpoint import _write_tensors, load_optimizer_moments
+    from megads.train.checkpoint import write_tensors, load_optimizer_moments
     from parallel.zero1_checkpoint import MOMENTS
 
     cfg = load_config(config)
@@ -80,7 +80,7 @@ def measure_optimizer_format(config: str, fmt: str) -> dict:
             else:
                 for moment in MOMENTS:
                     moments = optimizer.parameter_moments((moment,))
-                    _write_tensors(directory / "optimizer", moment,
+                    write_tensors(directory / "optimizer", moment,
                                    model.full_state({k: m[moment] for k, m in moments.items()}))
                     del moments
         save_s = time.perf_counter() - started

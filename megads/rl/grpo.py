@@ -47,7 +47,6 @@ from megads.rl.sampling import SamplingParams, sampling_key
 from megads.rl.tasks import get_task
 from megads.train.checkpoint import load_model_weights, resolve_checkpoint, save_checkpoint, verify_checkpoint
 from megads.train.lr_schedule import learning_rate
-from megads.train.metrics import MetricsLogger
 from megads.train.model_stages import ModelStages, Stage
 from megads.train.step_loop import run_steps
 from megads.train.trainer import (TrainResult, build_training_model, check_same_model, prepare_output, restore,
@@ -345,8 +344,6 @@ def _grpo(cfg: Config, ctx: ParallelContext, log, registry: Optional[RewardRegis
         trainer.eval_before = before = trainer.evaluate()
         log(f"held-out before GRPO: greedy accuracy {before['eval_accuracy']:.3f}, "
             f"pass@{rl.group_size} {before['eval_pass_at_g']:.3f} ({rl.eval_problems} problems)")
-    metrics = MetricsLogger(out, start_step, log=log) if ctx.rank == 0 else None
-
     def take_step(step: int) -> dict:
         record = trainer.step(step)
         if (rl.eval_every and (step + 1) % rl.eval_every == 0) or step + 1 == t.max_steps:
@@ -368,11 +365,7 @@ def _grpo(cfg: Config, ctx: ParallelContext, log, registry: Optional[RewardRegis
                                {"torch_rng": torch.get_rng_state(), "eval_before": trainer.eval_before},
                                keep=t.keep_checkpoints, ctx=ctx)
 
-    try:
-        step, record = run_steps(cfg, ctx, start_step, take_step, save, metrics, report, log)
-    finally:
-        if metrics is not None:
-            metrics.close()
+    step, record = run_steps(cfg, ctx, start_step, take_step, save, report, log)
     if trainer.eval_before and "eval_accuracy" in record:
         before, after = trainer.eval_before, record
         log(f"held-out greedy accuracy: {before['eval_accuracy']:.3f} before GRPO, {after['eval_accuracy']:.3f} after "

@@ -55,10 +55,10 @@ def describe_error(err: BaseException, path: Optional[Path] = None) -> str:
 
 def write_model_weights(directory: Path, named_tensors, max_shard_bytes: Optional[int] = None,
                         prefix: str = "model") -> None:
-    _write_tensors(directory / "model", prefix, named_tensors, max_shard_bytes)
+    write_tensors(directory / "model", prefix, named_tensors, max_shard_bytes)
 
 
-def _write_tensors(directory: Path, prefix: str, named_tensors, max_shard_bytes: Optional[int] = None) -> None:
+def write_tensors(directory: Path, prefix: str, named_tensors, max_shard_bytes: Optional[int] = None) -> None:
     kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
     with ShardedWriter(directory, prefix=prefix, **kwargs) as writer:
         for name, tensor in named_tensors:
@@ -123,28 +123,16 @@ def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model, optimi
     error = _attempt(create_directory, tmp) if ctx.rank == 0 else None
     _raise_if_failed(world.first_reported(error), step, checkpoints_dir, tmp, ctx)
 
+    # The weights, then AdamW's moments (one at a time: one parameter-shaped copy held), as full
+    # tensors by parameter name, so that any layout resumes from them.
     mine: list[str] = []
-    state = model.full_state()  # every rank iterates it: gathering shards is a collective
     prefixes = ["model"] if ctx.pp.size == 1 else [f"stage{r:03d}" for r in range(ctx.pp.size)]
-    if ctx.tp.rank == 0 and ctx.dp.rank == 0:
-        prefix = prefixes[ctx.pp.rank]
-        error = _attempt(lambda: write_model_weights(tmp, state, prefix=prefix), tmp / "model")
-        if error is None:
-            mine += [str(p.relative_to(tmp)) for p in (tmp / "model").glob(f"{prefix}[-.]*")]
-    for _ in state:  # what a failed write left ungathered: the other ranks are still gathering it
-        pass
-    # AdamW's moments, gathered and written like the weights (full tensors by parameter name), so
-    # that the run can resume under any layout.
-    for moment in MOMENTS:  # one at a time: one parameter-shaped copy held
-        moments = optimizer.parameter_moments((moment,))
-        state = model.full_state({pid: m[moment] for pid, m in moments.items()})
-        if ctx.tp.rank == 0 and ctx.dp.rank == 0:
-            prefix = moment if ctx.pp.size == 1 else f"{moment}-stage{ctx.pp.rank:03d}"
-            error = error or _attempt(lambda: _write_tensors(tmp / "optimizer", prefix, state), tmp / "optimizer")
-            mine += [str(p.relative_to(tmp)) for p in (tmp / "optimizer").glob(f"{prefix}[-.]*")]
-        for _ in state:
-            pass
-        del moments, state
+    error = _write_gathered(tmp / "model", prefixes[ctx.pp.rank], model.full_state(), ctx, mine)
+    for moment in MOMENTS:
+        moments = {pid: m[moment] for pid, m in optimizer.parameter_moments((moment,)).items()}
+        prefix = moment if ctx.pp.size == 1 else f"{moment}-stage{ctx.pp.rank:03d}"
+        error = _write_gathered(tmp / "optimizer", prefix, model.full_state(moments), ctx, mine) or error
+        del moments
     if ctx.rank == 0:
         state_file = tmp / "trainer_state.pt"
         error = error or _attempt(lambda: torch.save({"step": step, "world_size": ctx.world_size,
@@ -177,6 +165,19 @@ def save_checkpoint(checkpoints_dir: Path, step: int, cfg: Config, model, optimi
         rotate_checkpoints(checkpoints_dir, keep)
     ctx.barrier()
     return final
+
+
+def _write_gathered(directory: Path, prefix: str, stream, ctx: ParallelContext, written: list[str]) -> Optional[str]:
+    """Write the (name, full tensor) `stream` as `directory/prefix*` on the stage's writer rank (TP
+    and DP rank 0), adding the files to `written` (relative to the checkpoint); every rank drains
+    the stream, since gathering is a collective. Returns what failed, or None."""
+    error = None
+    if ctx.tp.rank == 0 and ctx.dp.rank == 0:
+        error = _attempt(lambda: write_tensors(directory, prefix, stream), directory)
+        written += [str(p.relative_to(directory.parent)) for p in directory.glob(f"{prefix}[-.]*")]
+    for _ in stream:  # what a failed write left ungathered: the other ranks are still gathering it
+        pass
+    return error
 
 
 def _raise_if_failed(error: Optional[str], step: int, checkpoints_dir: Path, tmp: Path, ctx: ParallelContext) -> None:

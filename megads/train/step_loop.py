@@ -25,17 +25,27 @@ from parallel.context import ParallelContext
 
 
 def run_steps(cfg: Config, ctx: ParallelContext, start_step: int, take_step: Callable[[int], dict],
-              save: Callable[[int], Path], metrics: Optional[MetricsLogger], report: Callable[[dict], None],
-              log: Callable[[str], None], save_every: Optional[int] = None) -> tuple[int, Optional[dict]]:
-    """Run steps start_step+1 .. train.max_steps; returns the last step and its record.
+              save: Callable[[int], Path], report: Callable[[dict], None], log: Callable[[str], None]
+              ) -> tuple[int, Optional[dict]]:
+    """Run steps start_step+1 .. train.max_steps, logging each record to OUTPUT_DIR/metrics.jsonl
+    (rank 0); returns the last step and its record.
 
     `take_step(step)` runs step `step` + 1 (0-based argument) and returns its record, with
     "skipped" true when the update was not applied; `save(step)` writes the checkpoint of `step`;
     `report(record)` prints progress. Raises Interrupted after saving when a signal arrived, and
     TooManySkippedSteps after train.max_skipped_steps skipped steps in a row.
     """
+    metrics = MetricsLogger(Path(cfg.train.output_dir), start_step, log=log) if ctx.rank == 0 else None
+    try:
+        return _run_steps(cfg, ctx, start_step, take_step, save, metrics, report, log)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _run_steps(cfg, ctx, start_step, take_step, save, metrics, report, log) -> tuple[int, Optional[dict]]:
     t = cfg.train
-    save_every = t.save_every if save_every is None else save_every
+    save_every = t.save_every
     step, record, skipped_in_a_row = start_step, None, 0
     with StopSignals() as signals:
         while step < t.max_steps:

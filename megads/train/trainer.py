@@ -28,7 +28,7 @@ from megads.train.checkpoint import (describe_error, list_checkpoints, load_chec
                                      read_checkpoint_config, resolve_checkpoint, save_checkpoint, verify_checkpoint)
 from megads.train.data import CorpusData, TrainingData, autocast
 from megads.train.lr_schedule import learning_rate
-from megads.train.metrics import MetricsLogger, ProgressPrinter
+from megads.train.metrics import ProgressPrinter
 from megads.train.model_stages import ModelStages
 from megads.train.step_loop import run_steps
 from megads.train.optimizer import build_optimizer
@@ -175,7 +175,6 @@ def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: 
         log(f"nothing to do: the latest checkpoint is at step {start_step} >= train.max_steps ({t.max_steps})")
         return TrainResult(out, start_step, None)
 
-    metrics = MetricsLogger(out, start_step, log=log) if ctx.rank == 0 else None
     progress = ProgressPrinter(t.max_steps, t.log_every, log=log)
 
     def take_step(step: int) -> dict:
@@ -189,11 +188,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: 
         return save_checkpoint(checkpoints_dir, at_step, cfg, model, optimizer, {"torch_rng": torch.get_rng_state()},
                                keep=t.keep_checkpoints, ctx=ctx)
 
-    try:
-        step, record = run_steps(cfg, ctx, start_step, take_step, save, metrics, progress, log)
-    finally:
-        if metrics is not None:
-            metrics.close()
+    step, record = run_steps(cfg, ctx, start_step, take_step, save, progress, log)
     last_loss = record["loss"]
     log(f"done: {step} steps, final loss {last_loss:.4f}; checkpoints in {checkpoints_dir}")
     return TrainResult(out, step, last_loss)

@@ -12,7 +12,7 @@ no test hooks:
     router_bias  the MoE routing biases are about to move          (ModelStages.update_router_biases)
     evaluation   the held-out evaluation starts                    (TrainingData.evaluate)
     logging      the step's metrics.jsonl record is being written  (MetricsLogger.record, rank 0)
-    save         the checkpoint's weights are being written        (checkpoint.write_model_weights)
+    save         the checkpoint's tensors are being written        (checkpoint.write_tensors)
 
 Actions: sigterm, sigint (the signal to this process), kill (SIGKILL: no handler runs), hang
 (SIGSTOP: alive but silent, like a stuck rank), crash (a Python exception), term_launcher (SIGTERM to the parent process: torchrun, which forwards it).
@@ -139,7 +139,7 @@ def install(spec: str) -> Optional[_Injector]:
     injector.wrap(zero1, "adamw_step", lambda *a, **k: reach("optimizer"))
     injector.wrap(ModelStages, "update_router_biases", lambda *a, **k: reach("router_bias"))
     injector.wrap(MetricsLogger, "record", lambda *a, **k: reach("logging"))
-    injector.wrap(checkpoint, "write_model_weights", lambda *a, **k: reach("save"))
+    injector.wrap(checkpoint, "write_tensors", lambda *a, **k: reach("save"))
     return injector
 
 
