@@ -3,8 +3,9 @@
     megads train CONFIG [--set SECTION.KEY=VALUE ...]   train (resumes from OUTPUT_DIR/checkpoints)
     megads sft CONFIG [--set ...]                        cold-start SFT on a task's demonstrations (rl section)
     megads grpo CONFIG [--set ...]                       GRPO from rl.init_from (rl section)
-    megads import-hf HF_DIR CKPT_DIR                     Hugging Face DeepSeek-V3 dir -> megads checkpoint
-    megads export-hf CKPT_DIR HF_DIR                     megads checkpoint (or run dir) -> Hugging Face dir
+    megads import-hf HF_DIR CKPT_DIR                     Hugging Face DeepSeek-V3 dir (BF16/FP32 or DeepSeek's
+                                                         FP8) -> megads checkpoint
+    megads export-hf CKPT_DIR HF_DIR [--fp8]             megads checkpoint (or run dir) -> Hugging Face dir
     megads convert-checkpoint SRC DST --set parallel.…   a checkpoint for another layout (resume with it)
 """
 
@@ -57,7 +58,7 @@ def _import_hf(args) -> int:
 def _export_hf(args) -> int:
     from megads.hf import export_hf
 
-    export_hf(args.ckpt_dir, args.hf_dir, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    export_hf(args.ckpt_dir, args.hf_dir, max_shard_bytes=int(args.max_shard_gb * 1024**3), fp8=args.fp8)
     return 0
 
 
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", help="override config values")
         job.set_defaults(func=_post_train)
 
-    imp = sub.add_parser("import-hf", help="convert a Hugging Face DeepSeek-V3 directory to a megads checkpoint")
+    imp = sub.add_parser("import-hf", help="convert a Hugging Face DeepSeek-V3 directory to a megads checkpoint "
+                                           "(DeepSeek's FP8 weights are dequantized to float32)")
     imp.add_argument("hf_dir")
     imp.add_argument("ckpt_dir")
     imp.set_defaults(func=_import_hf)
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("ckpt_dir")
     exp.add_argument("hf_dir")
     exp.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GiB)")
+    exp.add_argument("--fp8", action="store_true",
+                     help="write DeepSeek-V3's FP8 format: linear weights as float8_e4m3fn with a 128x128 block "
+                          "weight_scale_inv, the other tensors bfloat16")
     exp.set_defaults(func=_export_hf)
 
     conv = sub.add_parser("convert-checkpoint", help="a checkpoint (or run directory) for another parallel layout")

@@ -10,10 +10,15 @@ Two config dialects are read:
 
 Exports are transformers-5 configs (plus DeepSeek's `scoring_func` / `topk_method` /
 `aux_loss_alpha`, which transformers tolerates and vLLM-style loaders read).
+
+`quantization_config` is accepted only as DeepSeek-V3 released it (FP8 E4M3 weights in 128x128
+blocks, see megads.hf.fp8): it says how the weights are stored, not what the model computes, so it
+is not part of ModelConfig; `fp8_weights(hf)` tells the weight reader.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -66,8 +71,40 @@ _WHEN_ABSENT = {
     "mtp_loss_weight": (_megads_default("mtp_loss_weight"), "training-only; megads default"),
 }
 
+# DeepSeek-V3's released FP8 format, as its config.json states it (and `megads export-hf --fp8` writes it).
+# activation_scheme concerns inference kernels only ("dynamic": activations are scaled per tile on the
+# fly); "static" would come with activation scales megads has no use for.
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [128, 128]}
+
+
 def _unsupported(key: str, value, reason: str) -> ConfigError:
     return ConfigError(f"config.json key '{key}' = {value!r} is not supported: {reason}.")
+
+
+def fp8_weights(hf: dict) -> bool:
+    """True if config.json declares DeepSeek-V3's FP8 weights (E4M3, one scale per 128x128 block).
+
+    Any other `quantization_config` is a ConfigError naming the key: megads can only dequantize
+    the format it knows. A missing activation_scheme means "dynamic", as in transformers."""
+    if hf.get("quantization_config") is None:
+        return False
+    quant = hf["quantization_config"]
+    if not isinstance(quant, dict):
+        raise _unsupported("quantization_config", quant, "expected a dict")
+    for key, value in {"activation_scheme": "dynamic", **quant}.items():
+        if key not in FP8_QUANTIZATION_CONFIG:
+            raise _unsupported(f"quantization_config.{key}", value,
+                               f"megads reads DeepSeek-V3's FP8 format only ({FP8_QUANTIZATION_CONFIG})")
+        expected = FP8_QUANTIZATION_CONFIG[key]
+        if value != expected:
+            raise _unsupported(f"quantization_config.{key}", value,
+                               f"megads reads DeepSeek-V3's FP8 format only ({key} {expected!r})")
+    for key in ("fmt", "quant_method", "weight_block_size"):
+        if key not in quant:
+            raise ConfigError(f"config.json's quantization_config lacks {key!r} (DeepSeek-V3's FP8 format "
+                              f"has {key} = {FP8_QUANTIZATION_CONFIG[key]!r}).")
+    return True
 
 
 def _rope_from_hf(hf: dict, log: Log) -> tuple[float, Optional[dict]]:
@@ -129,9 +166,7 @@ def _reject_unrepresentable(hf: dict) -> None:
     """ConfigError naming the first key whose value megads' DeepSeek-V3 cannot represent."""
     if hf.get("model_type", "deepseek_v3") != "deepseek_v3":
         raise _unsupported("model_type", hf["model_type"], "only deepseek_v3 checkpoints are imported")
-    if "quantization_config" in hf:
-        raise _unsupported("quantization_config", hf["quantization_config"],
-                           "dequantize the weights first (e.g. DeepSeek's fp8_cast_bf16.py)")
+    fp8_weights(hf)  # validates quantization_config; the weights reader acts on it
     if hf.get("moe_layer_freq", 1) != 1:
         raise _unsupported("moe_layer_freq", hf["moe_layer_freq"], "every layer after first_k_dense_replace is MoE")
     if hf.get("attention_bias", False):
@@ -197,8 +232,11 @@ def model_config_from_hf(hf: dict, log: Log = print) -> ModelConfig:
     return model_config_from_dict(fields)
 
 
-def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, fp8: bool = False) -> dict:
     """A config.json dict that transformers 5 loads as DeepseekV3ForCausalLM (weights stored as `dtype`).
+
+    `fp8`: the weights are in DeepSeek-V3's FP8 format (megads.hf.fp8); the config then also carries
+    its `quantization_config` and the older `torch_dtype` key that DeepSeek's config.json has.
 
     transformers' DeepseekV3 implements only sigmoid scoring with noaux_tc selection, so other
     routing settings are refused rather than exported as a model that would compute differently.
@@ -211,7 +249,7 @@ def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype = torch.flo
     if cfg.rope_scaling:
         rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta,
                 **{k: v for k, v in cfg.rope_scaling.items() if k not in ROPE_TYPE_KEYS}}
-    return {
+    config = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
         "dtype": str(dtype).removeprefix("torch."),
@@ -253,6 +291,10 @@ def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype = torch.flo
         "eos_token_id": None,
         "use_cache": True,
     }
+    if fp8:
+        config["torch_dtype"] = config["dtype"]
+        config["quantization_config"] = copy.deepcopy(FP8_QUANTIZATION_CONFIG)
+    return config
 
 
 def read_hf_config(directory: str | Path) -> dict:

@@ -4,6 +4,9 @@
 Every conversion streams: tensors are read one at a time and written through ShardedWriter, so
 peak memory is about one layer plus one shard, whatever the model size. Directories are written
 under a temporary name next to the target and renamed into place once complete.
+
+DeepSeek-V3's FP8 format (megads.hf.fp8) is read wherever config.json declares it, each FP8 weight
+dequantized to FP32 as it is read, and written by save_hf / export_hf with `fp8=True`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ import torch
 from torch import nn
 
 from megads.config import ModelConfig, config_for_model, dump_config
-from megads.hf.config import HF_CONFIG, Log, hf_config_from_model_config, model_config_from_hf, read_hf_config
+from megads.hf.config import (
+    HF_CONFIG,
+    Log,
+    fp8_weights,
+    hf_config_from_model_config,
+    model_config_from_hf,
+    read_hf_config,
+)
+from megads.hf.fp8 import DequantizingReader, quantize_for_hf
 from megads.hf.names import (
     hf_mtp_depths,
     hf_source_names,
@@ -107,9 +118,16 @@ def _staged_directory(target: Path, finalize: Callable[[Path, Path], None]):
 
 
 def _write_hf_dir(hf_dir: Path, cfg: ModelConfig, stream: Iterable[tuple[str, torch.Tensor]],
-                  max_shard_bytes: int, dtype: Optional[torch.dtype], log: Log) -> Path:
-    """Write config.json and the sharded weights of `stream` into `hf_dir`, atomically."""
+                  max_shard_bytes: int, dtype: Optional[torch.dtype], log: Log, fp8: bool = False) -> Path:
+    """Write config.json and the sharded weights of `stream` (HF names, full precision when `fp8`) into
+    `hf_dir`, atomically; `fp8`: in DeepSeek-V3's FP8 format."""
     progress = _Progress(f"writing Hugging Face weights to {hf_dir}", log)
+    if fp8:
+        if dtype not in (None, torch.bfloat16):
+            raise ValueError(f"An FP8 export stores its unquantized tensors in bfloat16, as DeepSeek-V3 does; "
+                             f"dtype {dtype} cannot be combined with it.")
+        dtype = torch.bfloat16
+        stream = quantize_for_hf(stream)
     stored_dtype = dtype
     with _staged_directory(hf_dir, lambda tmp, final: os.replace(tmp, final)) as tmp:
         with ShardedWriter(tmp, "model", max_shard_bytes) as writer:
@@ -118,7 +136,7 @@ def _write_hf_dir(hf_dir: Path, cfg: ModelConfig, stream: Iterable[tuple[str, to
                     stored_dtype = stored_dtype or tensor.dtype
                 writer.add(name, tensor)
         # Written last: only now is the stored dtype known.
-        config = hf_config_from_model_config(cfg, stored_dtype or torch.float32)
+        config = hf_config_from_model_config(cfg, stored_dtype or torch.float32, fp8=fp8)
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     progress.done()
     return hf_dir
@@ -172,14 +190,21 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> DeepSeekV3:
 # ============================================================================ public API
 
 
+def _open_hf(path: Path, log: Log) -> tuple[ModelConfig, DequantizingReader]:
+    """The model config of a Hugging Face directory and a reader of its weights (FP8 ones dequantized)."""
+    hf = read_hf_config(path)
+    cfg = model_config_from_hf(hf, log)
+    return cfg, DequantizingReader(ShardedReader(path), fp8_weights(hf))
+
+
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0, log: Log = print) -> DeepSeekV3:
     """A megads model (in eval mode, like transformers' from_pretrained) from a Hugging Face directory.
 
-    MTP depths the directory lacks are initialised as build_model(cfg, seed) would.
+    MTP depths the directory lacks are initialised as build_model(cfg, seed) would. FP8 weights
+    are dequantized (to FP32, then cast to `dtype`).
     """
     path = Path(path)
-    cfg = model_config_from_hf(read_hf_config(path), log)
-    reader = ShardedReader(path)
+    cfg, reader = _open_hf(path, log)
     model = _empty_model(cfg, dtype)
     if hf_mtp_depths(reader, cfg) < cfg.num_nextn_predict_layers:
         with torch.no_grad():
@@ -194,11 +219,12 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0,
 
 
 def save_hf(model: DeepSeekV3, path: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-            dtype: Optional[torch.dtype] = None, log: Log = print) -> Path:
-    """Write a full (unsharded) megads model as a Hugging Face DeepSeek-V3 directory."""
+            dtype: Optional[torch.dtype] = None, log: Log = print, fp8: bool = False) -> Path:
+    """Write a full (unsharded) megads model as a Hugging Face DeepSeek-V3 directory (`fp8`: in
+    DeepSeek-V3's FP8 format, the other tensors BF16)."""
     state = model.state_dict()
-    stream = megads_tensors_to_hf(state.__getitem__, list(state), model.cfg, dtype)
-    return _write_hf_dir(Path(path), model.cfg, stream, max_shard_bytes, dtype, log)
+    stream = megads_tensors_to_hf(state.__getitem__, list(state), model.cfg, None if fp8 else dtype)
+    return _write_hf_dir(Path(path), model.cfg, stream, max_shard_bytes, dtype, log, fp8)
 
 
 def import_hf(hf_dir: str | Path, ckpt_dir: str | Path, seed: int = 0, max_shard_bytes: Optional[int] = None,
@@ -208,10 +234,12 @@ def import_hf(hf_dir: str | Path, ckpt_dir: str | Path, seed: int = 0, max_shard
     The checkpoint holds config.yaml (the imported model section, defaults elsewhere: config_for_model),
     model/ and the COMPLETE manifest, and no training state. Missing MTP depths are written freshly
     initialised (as build_model(cfg, seed) would), so the checkpoint always matches its config.
+
+    Tensors keep the dtype they are stored in, except FP8 weights (DeepSeek-V3's format), which are
+    stored dequantized in FP32: see megads.hf.fp8 for why FP32 and not BF16.
     """
     hf_dir, ckpt_dir = Path(hf_dir), Path(ckpt_dir)
-    cfg = model_config_from_hf(read_hf_config(hf_dir), log)
-    reader = ShardedReader(hf_dir)
+    cfg, reader = _open_hf(hf_dir, log)
     present = min(hf_mtp_depths(reader, cfg), cfg.num_nextn_predict_layers)
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
@@ -237,7 +265,8 @@ def import_hf(hf_dir: str | Path, ckpt_dir: str | Path, seed: int = 0, max_shard
     return ckpt_dir
 
 
-def _non_finite_source(err: NonFiniteTensorError, reader: ShardedReader, cfg: ModelConfig) -> NonFiniteTensorError:
+def _non_finite_source(err: NonFiniteTensorError, reader: DequantizingReader,
+                       cfg: ModelConfig) -> NonFiniteTensorError:
     """The refusal of an imported tensor restated for the Hugging Face tensor and shard file it came
     from (a damaged shard is what the user must look at). Read again only on this failure path, so the
     import checks each tensor once, in the writer."""
@@ -252,8 +281,9 @@ def _non_finite_source(err: NonFiniteTensorError, reader: ShardedReader, cfg: Mo
 
 
 def export_hf(ckpt_path: str | Path, hf_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              dtype: Optional[torch.dtype] = None, log: Log = print) -> Path:
-    """Convert a megads checkpoint (a checkpoint directory, or a run directory: its latest one) to HF format."""
+              dtype: Optional[torch.dtype] = None, log: Log = print, fp8: bool = False) -> Path:
+    """Convert a megads checkpoint (a checkpoint directory, or a run directory: its latest one) to HF format
+    (`fp8`: DeepSeek-V3's FP8 format, quantized from the checkpoint's own precision)."""
     ckpt = resolve_checkpoint(ckpt_path)
     verify_manifest(ckpt)
     cfg = read_checkpoint_config(ckpt).model
@@ -264,5 +294,5 @@ def export_hf(ckpt_path: str | Path, hf_dir: str | Path, max_shard_bytes: int = 
         raise CheckpointFormatError(f"Checkpoint {ckpt} does not match its config.yaml: missing {missing[:5]}, "
                                     f"unexpected {unexpected[:5]}.")
     log(f"exporting checkpoint {ckpt}")
-    return _write_hf_dir(Path(hf_dir), cfg, megads_tensors_to_hf(reader.get, names, cfg, dtype),
-                         max_shard_bytes, dtype, log)
+    stream = megads_tensors_to_hf(reader.get, names, cfg, None if fp8 else dtype)
+    return _write_hf_dir(Path(hf_dir), cfg, stream, max_shard_bytes, dtype, log, fp8)

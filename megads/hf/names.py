@@ -122,8 +122,8 @@ def hf_tensors_to_megads(reader: ShardedReader, cfg: ModelConfig,
     """Yield (megads name, tensor) for every tensor of `cfg`'s model found in the HF weights.
 
     Names are checked before anything is read: a missing tensor or one megads would not use (an
-    FP8 scale, a layer the config does not have) is a CheckpointFormatError. MTP depths without
-    weights are skipped with a log line (the caller initialises them); MTP layers beyond
+    FP8 scale whose weight is absent, a layer the config does not have) is a CheckpointFormatError.
+    MTP depths without weights are skipped with a log line (the caller initialises them); MTP layers beyond
     `cfg.num_nextn_predict_layers` are skipped likewise. The MTP copies of the embedding and head
     are not imported (megads shares the main ones); a copy that differs is warned about.
     """
@@ -168,8 +168,9 @@ def hf_tensors_to_megads(reader: ShardedReader, cfg: ModelConfig,
         del copy, original  # before the next pair is read: at most two vocabulary-sized tensors alive
 
 
-def _keep_fp32(name: str) -> bool:
-    """Router weights and biases stay FP32 in any export (as transformers and DeepSeek keep them)."""
+def keeps_fp32(name: str) -> bool:
+    """Router weights and biases stay FP32 in any export (as transformers and DeepSeek keep them).
+    `name` may be the megads or the Hugging Face name: they end alike."""
     return name.endswith((".mlp.gate.weight", ".mlp.gate.e_score_correction_bias"))
 
 
@@ -187,7 +188,7 @@ def megads_tensors_to_hf(named_tensor_getter: Callable[[str], torch.Tensor], nam
             raise CheckpointFormatError(f"Cannot write MTP layers without {required}.")
 
     def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if dtype is None or not tensor.is_floating_point() or _keep_fp32(name):
+        if dtype is None or not tensor.is_floating_point() or keeps_fp32(name):
             return tensor
         return tensor.to(dtype)
 

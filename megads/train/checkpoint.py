@@ -319,6 +319,10 @@ def load_checkpoint(ckpt: Path, model, optimizer, ctx: Optional[ParallelContext]
         verify_checkpoint(ckpt, ctx)
     load_model_weights(ckpt, model)
     state_file = ckpt / "trainer_state.pt"
+    if not state_file.is_file():
+        raise CheckpointFormatError(
+            f"{ckpt} holds weights only (no trainer_state.pt: e.g. made by import-hf), so a run cannot resume from it; "
+            f"start from its weights with rl.init_from (megads sft / grpo).")
     state = _load_torch_file(state_file)
     if not isinstance(state.get("step"), int):
         raise CheckpointFormatError(f"Checkpoint file {state_file} has no step count.")
