@@ -154,6 +154,39 @@ def test_indexed_corruption_is_reported_with_file_name(tmp_path, damage, file, m
     assert str(path) in str(error.value)
 
 
+def test_indexed_metadata_round_trip_and_damage(tmp_path):
+    made = {"made_by": "a test", "tokenizer": {"sha256": "ab" * 32, "vocab_size": 300}, "note": "é"}
+    with IndexedDatasetWriter(tmp_path / "ds", np.uint16) as writer:
+        writer.add_documents(np.array([5, 6, 7, 8]), np.array([3, 1]))
+        writer.add_document([9])
+        assert (writer.document_count, writer.token_count, writer.max_token_id) == (3, 5, 9)
+        writer.finalize(made)
+    dataset = IndexedDataset(tmp_path / "ds")
+    assert dataset.metadata == made
+    assert [dataset[i].tolist() for i in range(3)] == [[5, 6, 7], [8], [9]]
+    _write(tmp_path / "plain", [[1]])
+    assert IndexedDataset(tmp_path / "plain").metadata == {}  # format 1, as the corpus cache writes it
+    idx = tmp_path / "ds.idx"
+    original = idx.read_bytes()
+    idx.write_bytes(original[:32] + b"x" + original[33:])  # the JSON text starts at byte 32
+    with pytest.raises(CorruptDatasetError, match=f"{idx}: the metadata block is not a JSON object"):
+        IndexedDataset(tmp_path / "ds")
+    idx.write_bytes(original[:24] + (10**9).to_bytes(8, "little") + original[32:])
+    with pytest.raises(CorruptDatasetError, match="longer than the file"):
+        IndexedDataset(tmp_path / "ds")
+
+
+def test_indexed_writer_publishes_nothing_on_error(tmp_path):
+    _write(tmp_path / "ds", [[1, 2, 3]])
+    before = (tmp_path / "ds.bin").read_bytes(), (tmp_path / "ds.idx").read_bytes()
+    with pytest.raises(RuntimeError):
+        with IndexedDatasetWriter(tmp_path / "ds", np.uint16) as writer:
+            writer.add_document([4, 5])
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.bin", "ds.idx"]  # no temporary file left
+    assert ((tmp_path / "ds.bin").read_bytes(), (tmp_path / "ds.idx").read_bytes()) == before
+
+
 # --- cached corpus ----------------------------------------------------------
 
 

@@ -2,13 +2,14 @@
 
 from .corpus import iter_documents, stdlib_source_files, take_until_bytes, text_files_in
 from .dataset import GlobalBatchSampler, PackedWindows, build_or_load_corpus, micro_batches
-from .indexed import CorruptDatasetError, IndexedDataset, IndexedDatasetWriter, dtype_for_vocab
+from .indexed import CorruptDatasetError, IndexedDataset, IndexedDatasetWriter, dataset_paths, dtype_for_vocab
 from .tokenizer import (
     EOS_TOKEN,
     BPETokenizer,
     ByteTokenizer,
     Tokenizer,
     load_tokenizer,
+    tokenizer_file_digest,
     train_bpe_tokenizer,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "PackedWindows",
     "Tokenizer",
     "build_or_load_corpus",
+    "dataset_paths",
     "dtype_for_vocab",
     "iter_documents",
     "load_tokenizer",
@@ -30,5 +32,6 @@ __all__ = [
     "stdlib_source_files",
     "take_until_bytes",
     "text_files_in",
+    "tokenizer_file_digest",
     "train_bpe_tokenizer",
 ]
