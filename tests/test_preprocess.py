@@ -1,16 +1,24 @@
-"""User data: `megads preprocess` (JSONL / text -> PREFIX.bin/.idx)."""
+"""User data: `megads preprocess` (JSONL / text -> PREFIX.bin/.idx), and training on a weighted blend of
+preprocessed datasets (data.datasets): the sampler, the checks against the tokenizer and model, the CLI."""
 
 import json
 
 import numpy as np
 import pytest
 import tokenizers
+import torch
+import yaml
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from megads.cli import main as cli_main
-from megads.data import BPETokenizer, IndexedDataset, load_tokenizer, tokenizer_file_digest, train_bpe_tokenizer
+from megads.config import ConfigError, load_config
+from megads.data import (BPETokenizer, ByteTokenizer, IndexedDataset, IndexedDatasetWriter, load_tokenizer,
+                         tokenizer_file_digest, train_bpe_tokenizer)
 from megads.data import preprocess as preprocess_module
+from megads.data.prepared import DatasetError
 from megads.data.preprocess import PreprocessError, PreprocessOptions, preprocess
+from megads.train.data import BlendedData
+from test_train import TINY, read_metrics
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -235,3 +243,106 @@ def test_cli_preprocess(tmp_path, bpe_file, capsys):
     assert len(documents(tmp_path / "ds")) == len(SENTENCES)
     assert cli_main(["preprocess", str(tmp_path / "nope.jsonl"), "--output", "x", "--tokenizer", str(bpe_file)]) == 1
     assert capsys.readouterr().err.strip() == f"megads preprocess: Input {tmp_path / 'nope.jsonl'} does not exist."
+
+
+# ----------------------------------------------------------------------------- training on a blend
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory, bpe_file):
+    """Prefixes of two preprocessed datasets: prose from JSONL, and code one line a document."""
+    root = tmp_path_factory.mktemp("blend")
+    rng = np.random.default_rng(1)
+    prose = write_jsonl(root / "prose.jsonl", [{"text": " ".join(rng.choice(SENTENCES[:2] + SENTENCES[4:], 4))}
+                                               for _ in range(120)])
+    code = root / "code.txt"
+    code.write_text("\n".join(f"def f{i}(x):    return x * {i} + {i % 7}" for i in range(200)))
+    preprocess([str(prose)], str(root / "prose"), str(bpe_file), log=quiet)
+    preprocess([str(code)], str(root / "code"), str(bpe_file), PreprocessOptions(document_per_line=True), log=quiet)
+    return root / "prose", root / "code"
+
+
+def blend_overrides(tmp_path, bpe_file, prefixes, weights=(0.7, 0.3), *extra):
+    datasets = [{"path": str(p), "weight": w} for p, w in zip(prefixes, weights)]
+    return TINY + [f"data.datasets={json.dumps(datasets)}", f"data.tokenizer_file={bpe_file}",
+                   f"train.output_dir={tmp_path / 'run'}", *extra]
+
+
+def test_a_global_batch_is_the_same_under_dp_1_and_2_and_after_resume(tmp_path, bpe_file, two_datasets):
+    cfg = load_config(None, blend_overrides(tmp_path, bpe_file, two_datasets))
+    data = BlendedData.build(cfg, None, quiet)
+    assert data.description.startswith("a blend of 2 datasets of 32-token windows: prose (70% of samples")
+    resumed = BlendedData.build(cfg, None, quiet)  # a new process: no state carried over
+    for step in (0, 1, 17, 1000):
+        whole = torch.cat([inputs for inputs, _ in data.micro_batches(step, 0, 1, 2)])
+        gathered = torch.cat([inputs for rank in (0, 1) for inputs, _ in data.micro_batches(step, rank, 2, 2)])
+        again = torch.cat([inputs for inputs, _ in resumed.micro_batches(step, 0, 1, 4)])
+        assert torch.equal(whole, gathered) and torch.equal(whole, again)
+        assert whole.shape == (4, 32)
+
+
+def test_training_on_a_blend_through_the_cli(tmp_path, bpe_file, two_datasets, capsys):
+    config = tmp_path / "blend.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"datasets": [{"path": str(two_datasets[0]), "weight": 0.7},
+                              {"path": str(two_datasets[1]), "weight": 0.3}],
+                 "tokenizer_file": str(bpe_file)},
+        "train": {"max_steps": 3, "eval_every": 2, "output_dir": str(tmp_path / "run")}}))
+    assert cli_main(["train", str(config), "--set", *TINY, f"train.output_dir={tmp_path / 'run'}"]) == 0
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert "valid_loss" in records[1] and np.isfinite(records[1]["valid_loss"])
+    assert "a blend of 2 datasets" in capsys.readouterr().out
+
+    missing = tmp_path / "gone"
+    assert cli_main(["train", str(config), "--set", *TINY, f"train.output_dir={tmp_path / 'run2'}",
+                     f"data.datasets=[{{path: {missing}}}]"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"megads train: configuration error: data.datasets[0].path names {missing}, but {missing}.idx does not "
+        f"exist (make it with megads preprocess).")
+
+
+def test_bad_datasets_are_one_sentence_naming_the_file_and_field(tmp_path, bpe_file, two_datasets):
+    prose, code = two_datasets
+
+    def build(prefixes, *extra, tokenizer=bpe_file, weights=(0.7, 0.3)):
+        cfg = load_config(None, blend_overrides(tmp_path, tokenizer, prefixes, weights, *extra))
+        return BlendedData.build(cfg, None, quiet)
+
+    copy = tmp_path / "copy"
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"copy{suffix}").write_bytes((code.parent / f"code{suffix}").read_bytes())
+
+    (tmp_path / "copy.bin").rename(tmp_path / "away.bin")
+    with pytest.raises(ConfigError, match=rf"^data.datasets\[1\].path names {copy}, but {copy}.bin does not exist"):
+        build([prose, copy])
+    (tmp_path / "away.bin").write_bytes((tmp_path / "away.bin").read_bytes()[:-6])
+    (tmp_path / "away.bin").rename(tmp_path / "copy.bin")
+    with pytest.raises(DatasetError, match=rf"^data.datasets\[1\].path: {copy}.bin: size is .* truncated"):
+        build([prose, copy])
+
+    other_tokenizer = tmp_path / "byte.json"
+    ByteTokenizer().save(other_tokenizer)
+    with pytest.raises(ConfigError, match=rf"^data.datasets\[0\].path: {prose}.idx was made by another tokenizer "
+                                          rf"\(bpe.json, vocabulary \d+, .*than data.tokenizer_file {other_tokenizer}"):
+        build([prose, code], tokenizer=other_tokenizer)
+
+    with pytest.raises(ConfigError, match=rf"^data.datasets\[0\].path: {prose}.idx holds token ids up to \d+ from a "
+                                          rf"vocabulary of \d+, but model.vocab_size is 256"):
+        build([prose, code], "model.vocab_size=256")
+
+    with pytest.raises(ConfigError, match=r"^data.tokenizer_file .*missing.json does not exist"):
+        build([prose, code], tokenizer=tmp_path / "missing.json")
+
+    with pytest.raises(ConfigError, match=r"^data.datasets\[1\].weight must be a positive number, got -0.3"):
+        build([prose, code], weights=(0.7, -0.3))
+
+    with pytest.raises(ConfigError, match=rf"^data.datasets\[0\].path \({prose}\): .*shorter than one window"):
+        build([prose, code], "train.seq_length=100000", "model.max_position_embeddings=200000")
+
+    # an index written without a record of its tokenizer (e.g. the corpus cache's)
+    with IndexedDatasetWriter(tmp_path / "plain", np.uint16) as writer:
+        writer.add_document(list(range(100)))
+        writer.finalize()
+    with pytest.raises(ConfigError, match=r"plain.idx does not record which tokenizer made it"):
+        build([prose, tmp_path / "plain"])
