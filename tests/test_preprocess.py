@@ -192,7 +192,7 @@ def test_parallel_workers_give_the_same_bytes(tmp_path, bpe_file):
         report = preprocess(inputs, str(tmp_path / name), str(bpe_file), options, log=quiet)
         runs[name] = report
     assert [str(m) for m in runs["two"].malformed] == [str(m) for m in runs["one"].malformed] == [
-        f"{inputs[n]}:{38 + n}: not JSON (Expecting property name enclosed in double quotes at column 2)"
+        f"{inputs[n]}:{38 + n}: not JSON: Expecting property name enclosed in double quotes (column 2)"
         for n in range(3)]
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"two{suffix}").read_bytes() == (tmp_path / f"one{suffix}").read_bytes()

@@ -56,7 +56,9 @@ class PreprocessOptions:
     workers: int = 1
     skip_malformed: bool = False
     max_reported: int = 20  # malformed lines listed by file and line number (all are counted)
-    task_bytes: int = 16 * 2**20  # input bytes per task
+    # Input bytes per task: small enough that a few megabytes keep several workers busy and progress
+    # lines come often, large enough that sending a task and its tokens back costs little.
+    task_bytes: int = 2**20
     progress_every_s: float = 5.0
 
 
@@ -189,7 +191,7 @@ def _document_of_json_line(line: bytes, key: str) -> tuple[Optional[str], str]:
     try:
         record = json.loads(text)
     except ValueError as err:
-        return None, f"not JSON ({getattr(err, 'msg', err)} at column {getattr(err, 'colno', '?')})"
+        return None, f"not JSON: {getattr(err, 'msg', err)} (column {getattr(err, 'colno', '?')})"
     if not isinstance(record, dict):
         return None, f"not a JSON object but {type(record).__name__}"
     if key not in record:

@@ -86,8 +86,10 @@ class BPETokenizer:
         return self.tokenizer.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # Tokenizes in parallel in Rust; about twice as fast as a loop of encode().
-        return [encoding.ids for encoding in self.tokenizer.encode_batch(texts)]
+        # Tokenizes in parallel in Rust; about twice as fast as a loop of encode(). encode_batch_fast
+        # (tokenizers >= 0.20) gives the same ids without computing character offsets: twice as fast again.
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        return [encoding.ids for encoding in encode(texts)]
 
     def decode(self, ids: Iterable[int]) -> str:
         # Keep the end-of-text token so decoding packed documents shows their boundaries.
