@@ -7,6 +7,7 @@
                                                          FP8) -> megads checkpoint
     megads export-hf CKPT_DIR HF_DIR [--fp8]             megads checkpoint (or run dir) -> Hugging Face dir
     megads convert-checkpoint SRC DST --set parallel.…   a checkpoint for another layout (resume with it)
+    megads preprocess INPUT... --output PREFIX --tokenizer FILE   JSONL / text -> PREFIX.bin/.idx (data.datasets)
 """
 
 from __future__ import annotations
@@ -69,6 +70,22 @@ def _convert_checkpoint(args) -> int:
     return 0
 
 
+def _preprocess(args) -> int:
+    from megads.data.preprocess import PreprocessOptions, preprocess
+
+    options = PreprocessOptions(
+        input_format=args.format, json_key=args.json_key, document_per_line=args.document_per_line,
+        eod_token=args.eod_token, workers=args.workers, skip_malformed=args.skip_malformed,
+        max_reported=args.max_reported, progress_every_s=args.progress_every)
+    try:
+        preprocess(args.inputs, args.output, args.tokenizer, options, log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:  # not main's message: there is no checkpoint here
+        print(f"megads preprocess: interrupted; nothing was written ({args.output}.bin/.idx are as they were).",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megads", description="Train DeepSeek-V3-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +124,29 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("target", help="new run directory: TARGET/checkpoints/step_N and TARGET/config.yaml")
     conv.add_argument("--set", nargs="+", default=[], metavar="parallel.KEY=VALUE", help="the new layout")
     conv.set_defaults(func=_convert_checkpoint)
+
+    pre = sub.add_parser("preprocess", help="tokenize JSONL or text files into an indexed dataset (PREFIX.bin/.idx) "
+                                            "for data.datasets")
+    pre.add_argument("inputs", nargs="+", metavar="INPUT", help="files, or directories (all their files, recursively)")
+    pre.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    pre.add_argument("--tokenizer", required=True, metavar="FILE",
+                     help="a tokenizer file: megads's own (a run's cached tokenizer.json) or any Hugging Face "
+                          "tokenizer.json; training names the same file as data.tokenizer_file")
+    pre.add_argument("--eod-token", default=None, metavar="TOKEN",
+                     help="the tokenizer's end-of-document token, written after every document (default <|endoftext|>)")
+    pre.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto",
+                     help="auto: .jsonl/.ndjson files are JSONL, others plain text (default auto)")
+    pre.add_argument("--json-key", default="text", metavar="KEY", help="the JSONL field holding the text (default text)")
+    pre.add_argument("--document-per-line", action="store_true",
+                     help="plain text files: every line is a document (default: every file is one)")
+    pre.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizing processes (default 1)")
+    pre.add_argument("--skip-malformed", action="store_true",
+                     help="skip malformed lines (listed and counted either way) instead of failing with exit status 1")
+    pre.add_argument("--max-reported", type=int, default=20, metavar="N",
+                     help="malformed lines listed by file and line number (all are counted; default 20)")
+    pre.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
+                     help="seconds between progress lines (default 5)")
+    pre.set_defaults(func=_preprocess)
     return parser
 
 

@@ -133,7 +133,15 @@ class DataConfig:
     tokenizer: Literal["bpe", "byte"] = _f("bpe", "Byte-level BPE trained on the corpus, or raw bytes.")
     max_bytes: int = _f(4_000_000, "Use at most this many bytes of the source text.")
     cache_dir: Optional[str] = _f(None, "Tokenized-data cache; null: ~/.cache/megads.")
-    valid_fraction: float = _f(0.01, "Fraction of token windows held out for validation.")
+    valid_fraction: float = _f(0.01, "Fraction of token windows held out for validation (of each dataset of "
+                                     "data.datasets).")
+    datasets: Optional[list[dict]] = _f(
+        None, "Preprocessed datasets to train on instead of data.source: a list of {path: PREFIX (of PREFIX.bin/.idx "
+              "made by megads preprocess), weight: W (positive, default 1)}; every global batch draws from them in "
+              "proportion to the weights. null: data.source (source, tokenizer and max_bytes are unused otherwise).")
+    tokenizer_file: Optional[str] = _f(
+        None, "With data.datasets: the tokenizer file they were preprocessed with (megads preprocess --tokenizer); "
+              "a dataset made by another tokenizer is refused.")
 
 
 @dataclass(frozen=True)
@@ -713,9 +721,37 @@ def _layout_rules(cfg: Config, world_size: int):
         f"parallel.sequence_parallel).")
 
 
+DATASET_KEYS = ("path", "weight")
+
+
+def dataset_weight(entry: dict) -> Any:
+    """The weight of a data.datasets entry: its number (default 1; YAML 1.1's 1e-3, read as a string, is the
+    number), or the value as written when it is not one (the rules report it)."""
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, str) and _YAML11_FLOAT.fullmatch(weight.strip()):
+        return float(weight)
+    return weight
+
+
 def _data_rules(d: DataConfig):
     yield d.max_bytes >= 1000, f"data.max_bytes must be at least 1000, got {d.max_bytes}."
     yield 0 <= d.valid_fraction < 0.5, f"data.valid_fraction must be in [0, 0.5), got {d.valid_fraction}."
+    if d.datasets is not None:
+        yield len(d.datasets) >= 1, (
+            "data.datasets must list at least one dataset, or be null to train on the text corpus.")
+        for i, entry in enumerate(d.datasets):
+            unknown = sorted(set(entry) - set(DATASET_KEYS))
+            yield not unknown, f"data.datasets[{i}] has unknown keys {unknown}; its keys are {', '.join(DATASET_KEYS)}."
+            path = entry.get("path")
+            yield isinstance(path, str) and path != "", (
+                f"data.datasets[{i}].path must be the PREFIX of a preprocessed PREFIX.bin/.idx, got {path!r}.")
+            weight = dataset_weight(entry)
+            yield _is_number(weight) and math.isfinite(weight) and weight > 0, (
+                f"data.datasets[{i}].weight must be a positive number, got {weight!r}.")
+    yield d.datasets is None or d.tokenizer_file is not None, (
+        "data.tokenizer_file must name the tokenizer file that data.datasets were preprocessed with.")
+    yield d.tokenizer_file is None or d.datasets is not None, (
+        "data.tokenizer_file is read only with data.datasets (the text corpus trains its own tokenizer).")
 
 
 def _fp8_rules(f: Fp8Config, p: ParallelConfig):

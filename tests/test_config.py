@@ -394,6 +394,8 @@ def test_unknown_keys_and_sections(raw, field):
     # strings
     ({"data": {"source": 5}}, "data.source"),
     ({"data": {"cache_dir": 3}}, "data.cache_dir"),
+    ({"data": {"datasets": ["a.bin"]}}, "data.datasets must be a list of mappings or null"),
+    ({"data": {"tokenizer_file": 1}}, "data.tokenizer_file"),
     ({"parallel": {"schedule": 1}}, "parallel.schedule"),
     # Literal fields
     ({"model": {"scoring_func": "relu"}}, "model.scoring_func"),
@@ -564,6 +566,18 @@ RULE_CASES = [
     ({D: {"valid_fraction": 0.5}}, "data.valid_fraction"),
     ({D: {"valid_fraction": -0.01}}, "data.valid_fraction"),
     ({D: {"tokenizer": "byte"}, M: {"vocab_size": 256}}, "model.vocab_size (256) must be at least 260"),
+    ({D: {"datasets": [], "tokenizer_file": "tok.json"}}, "data.datasets must list at least one dataset"),
+    ({D: {"datasets": [{"path": "a", "wieght": 1}], "tokenizer_file": "tok.json"}},
+     "data.datasets[0] has unknown keys ['wieght']; its keys are path, weight."),
+    ({D: {"datasets": [{"path": "a"}, {"path": ""}], "tokenizer_file": "tok.json"}},
+     "data.datasets[1].path must be the PREFIX of a preprocessed PREFIX.bin/.idx, got ''."),
+    ({D: {"datasets": [{"weight": 1}], "tokenizer_file": "tok.json"}}, "data.datasets[0].path must be the PREFIX"),
+    ({D: {"datasets": [{"path": "a", "weight": 0}], "tokenizer_file": "tok.json"}},
+     "data.datasets[0].weight must be a positive number, got 0."),
+    ({D: {"datasets": [{"path": "a", "weight": "heavy"}], "tokenizer_file": "tok.json"}},
+     "data.datasets[0].weight must be a positive number, got 'heavy'."),
+    ({D: {"datasets": [{"path": "a", "weight": 0.5}]}}, "data.tokenizer_file must name the tokenizer file"),
+    ({D: {"tokenizer_file": "tok.json"}}, "data.tokenizer_file is read only with data.datasets"),
 ]
 
 

@@ -5,12 +5,16 @@ import pytest
 import torch
 
 from megads.data import (
+    Blend,
+    BlendedSampler,
+    BlendedWindows,
     ByteTokenizer,
     BPETokenizer,
     CorruptDatasetError,
     GlobalBatchSampler,
     IndexedDataset,
     IndexedDatasetWriter,
+    IndexPermutation,
     PackedWindows,
     build_or_load_corpus,
     iter_documents,
@@ -154,6 +158,39 @@ def test_indexed_corruption_is_reported_with_file_name(tmp_path, damage, file, m
     assert str(path) in str(error.value)
 
 
+def test_indexed_metadata_round_trip_and_damage(tmp_path):
+    made = {"made_by": "a test", "tokenizer": {"sha256": "ab" * 32, "vocab_size": 300}, "note": "é"}
+    with IndexedDatasetWriter(tmp_path / "ds", np.uint16) as writer:
+        writer.add_documents(np.array([5, 6, 7, 8]), np.array([3, 1]))
+        writer.add_document([9])
+        assert (writer.document_count, writer.token_count, writer.max_token_id) == (3, 5, 9)
+        writer.finalize(made)
+    dataset = IndexedDataset(tmp_path / "ds")
+    assert dataset.metadata == made
+    assert [dataset[i].tolist() for i in range(3)] == [[5, 6, 7], [8], [9]]
+    _write(tmp_path / "plain", [[1]])
+    assert IndexedDataset(tmp_path / "plain").metadata == {}  # format 1, as the corpus cache writes it
+    idx = tmp_path / "ds.idx"
+    original = idx.read_bytes()
+    idx.write_bytes(original[:32] + b"x" + original[33:])  # the JSON text starts at byte 32
+    with pytest.raises(CorruptDatasetError, match=f"{idx}: the metadata block is not a JSON object"):
+        IndexedDataset(tmp_path / "ds")
+    idx.write_bytes(original[:24] + (10**9).to_bytes(8, "little") + original[32:])
+    with pytest.raises(CorruptDatasetError, match="longer than the file"):
+        IndexedDataset(tmp_path / "ds")
+
+
+def test_indexed_writer_publishes_nothing_on_error(tmp_path):
+    _write(tmp_path / "ds", [[1, 2, 3]])
+    before = (tmp_path / "ds.bin").read_bytes(), (tmp_path / "ds.idx").read_bytes()
+    with pytest.raises(RuntimeError):
+        with IndexedDatasetWriter(tmp_path / "ds", np.uint16) as writer:
+            writer.add_document([4, 5])
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.bin", "ds.idx"]  # no temporary file left
+    assert ((tmp_path / "ds.bin").read_bytes(), (tmp_path / "ds.idx").read_bytes()) == before
+
+
 # --- cached corpus ----------------------------------------------------------
 
 
@@ -264,3 +301,51 @@ def test_micro_batches_divisibility_error():
     sampler = GlobalBatchSampler(len(windows), global_batch_size=12, seed=0)
     with pytest.raises(ValueError, match="global_batch_size 12 is not divisible by dp_size 4 \\* micro_batch_size 2"):
         micro_batches(windows, sampler, 0, 0, 4, 2)
+
+
+# --- blending several datasets ---------------------------------------------
+
+
+def test_index_permutation_is_a_seeded_bijection():
+    for n in (1, 2, 3, 10, 257, 4096, 10_001):
+        assert sorted(IndexPermutation(n, (1, 0, 0))(np.arange(n)).tolist()) == list(range(n))
+    first, again, other = (IndexPermutation(1000, key)(np.arange(1000)) for key in ((7, 0, 0), (7, 0, 0), (7, 0, 1)))
+    assert (first == again).all() and (first != other).any()
+    assert IndexPermutation(10**12, (1,))(np.array([0, 10**12 - 1])).max() < 10**12  # no table of 10^12 entries
+    with pytest.raises(IndexError):
+        IndexPermutation(5, (1,))([5])
+
+
+def test_blend_proportions_are_the_weights():
+    blend = Blend([0.7, 0.2, 0.1])
+    for n in range(1, 2000):
+        counts = blend.counts(n)
+        assert sum(counts) == n and all(abs(c - w * n) < 1.5 for c, w in zip(counts, blend.weights))
+    # each dataset's samples are its 0th, 1st, 2nd, ... in stream order
+    located = [blend.locate(g) for g in range(500)]
+    for dataset in range(3):
+        picks = [j for d, j in located if d == dataset]
+        assert picks == list(range(len(picks)))
+    sampler = BlendedSampler(Blend([3, 1]), [50, 7], global_batch_size=8, seed=5)
+    drawn = [d for step in range(250) for d, _ in sampler.indices(step)]
+    assert drawn.count(0) / len(drawn) == pytest.approx(0.75, abs=0.005)
+    with pytest.raises(ValueError, match="positive"):
+        Blend([1.0, 0.0])
+
+
+def test_sampler_visits_each_window_once_per_epoch():
+    sampler = BlendedSampler(Blend([0.5, 0.5]), [40, 10], global_batch_size=10, seed=3)
+    picks = [pair for step in range(8) for pair in sampler.indices(step)]  # 80 samples: 40 of each dataset
+    assert sorted(w for d, w in picks if d == 0) == list(range(40))
+    assert sorted(w for d, w in picks if d == 1) == sorted(list(range(10)) * 4)
+
+
+
+def test_blended_micro_batches_shard_the_global_batch():
+    windows = BlendedWindows([PackedWindows(np.arange(100), 4), PackedWindows(np.arange(1000, 1030), 4)])
+    sampler = BlendedSampler(Blend([0.6, 0.4]), [len(w) for w in windows.datasets], global_batch_size=8, seed=0)
+    for step in (0, 3, 50):
+        whole = torch.cat([x for x, _ in micro_batches(windows, sampler, step, 0, 1, 4)])
+        gathered = torch.cat([x for rank in range(4) for x, _ in micro_batches(windows, sampler, step, rank, 4, 2)])
+        assert torch.equal(whole, gathered)
+        assert ((whole >= 1000).sum(dim=1) % 4 == 0).all()  # each window lies in one dataset

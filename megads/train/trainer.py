@@ -26,7 +26,7 @@ from megads.errors import RunFailure
 from megads.shards import CheckpointFormatError
 from megads.train.checkpoint import (describe_error, list_checkpoints, load_checkpoint, load_model_weights,
                                      read_checkpoint_config, resolve_checkpoint, save_checkpoint, verify_checkpoint)
-from megads.train.data import CorpusData, TrainingData, autocast
+from megads.train.data import TrainingData, autocast, build_training_data
 from megads.train.lr_schedule import learning_rate
 from megads.train.metrics import ProgressPrinter
 from megads.train.model_stages import ModelStages
@@ -57,11 +57,12 @@ def check_same_model(cfg: Config, ckpt: Path, advice: str = "use a new train.out
 DataFactory = Callable[[Config, ParallelContext, Callable], TrainingData]
 
 
-def train(cfg: Config, log=print, data: DataFactory = CorpusData.build, job: str = "train") -> TrainResult:
+def train(cfg: Config, log=print, data: DataFactory = build_training_data, job: str = "train") -> TrainResult:
     """Run (or resume) training; under torchrun every rank calls this with the same config.
 
-    `data(cfg, ctx, log)` builds what the run reads (default: the text corpus; `megads sft`: a
-    task's demonstrations); `job` names the command for the config rules ("train", "sft").
+    `data(cfg, ctx, log)` builds what the run reads (default: the text corpus, or the blend of
+    data.datasets; `megads sft`: a task's demonstrations); `job` names the command for the config
+    rules ("train", "sft").
     The process group is started here if torchrun launched us and none exists, and then also
     destroyed at the end; a caller's own process group is left to the caller."""
     return run_job(cfg, job, log, lambda ctx, rank_log: _train(cfg, ctx, rank_log, data, job))

@@ -122,7 +122,7 @@ def install(spec: str) -> Optional[_Injector]:
     import parallel.zero1 as zero1
     from megads.rl.grpo import GRPOTrainer
     from megads.rl.sft import DemonstrationData
-    from megads.train.data import CorpusData
+    from megads.train.data import BlendedData, CorpusData
     from megads.train.metrics import MetricsLogger
     from megads.train.model_stages import ModelStages
 
@@ -130,7 +130,7 @@ def install(spec: str) -> Optional[_Injector]:
     reach = injector.reach
     injector.wrap(trainer, "train_step", lambda model, optimizer, cfg, step, batches: reach("", step + 1))
     injector.wrap(GRPOTrainer, "step", lambda self, step: reach("", step + 1))
-    for data_class in (CorpusData, DemonstrationData):
+    for data_class in (CorpusData, BlendedData, DemonstrationData):
         injector.wrap(data_class, "micro_batches", lambda self, step, *a, **k: reach("data", step + 1))
         injector.wrap(data_class, "evaluate", lambda *a, **k: reach("evaluation"))
     injector.wrap(GRPOTrainer, "evaluate", lambda *a, **k: reach("evaluation"))
