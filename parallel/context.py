@@ -31,6 +31,7 @@ for and TP > 1.
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -38,6 +39,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from parallel.attempt_store import attempt_store
 from parallel.group import Group
 from parallel.twin_groups import Lanes
 
@@ -165,20 +167,22 @@ class ParallelContext:
 def start_process_group(backend: str, timeout: timedelta) -> None:
     """torch.distributed's default process group from the launcher's environment (env://).
 
-    Under torchrun each restart attempt (`--max-restarts`) gets its own key prefix in the launcher's
-    store: without it, the ranks of a restarted attempt can read the addresses the previous
-    attempt's ranks left there and fail to connect (seen with gloo once megatron-core's groups
-    had been created)."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
+    Where torchrun's agent serves the store (TORCHELASTIC_USE_AGENT_STORE, torch's default) it keeps
+    it across restarts, so each attempt rendezvouses in a store of its own (parallel.attempt_store:
+    the ranks of a restarted attempt would otherwise read the addresses the previous attempt's ranks
+    left there and fail to connect). Otherwise (no torchrun, or TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
+    rank 0 serves a new store at MASTER_ADDR:MASTER_PORT, which torchrun picks anew for each attempt."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend, timeout=timeout)
         return
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); otherwise rank 0 does.
-    hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=hosts_store, timeout=timeout)
-    dist.init_process_group(backend, store=dist.PrefixStore(f"megads/attempt_{attempt}", store), rank=rank,
+    agent_host, agent_port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_store = dist.TCPStore(agent_host, agent_port, world_size, is_master=False, timeout=timeout)
+    # Rank 0 need not run on the node that serves the agent's store: it announces its own address,
+    # the one its packets to that store leave from (what the other nodes can reach).
+    with socket.create_connection((agent_host, agent_port), timeout=timeout.total_seconds()) as probe:
+        own_host = probe.getsockname()[0]
+    dist.init_process_group(backend, store=attempt_store(agent_store, own_host, rank, world_size, timeout), rank=rank,
                             world_size=world_size, timeout=timeout)
 
 
