@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "tools" / "launch" / "torchrun_multinode.sh"
 SBATCH = REPO / "tools" / "launch" / "slurm.sbatch"
 STANDIN = REPO / "tests" / "slurm_standin"
-TIMING = {"tokens_per_s", "step_time_s"}
+TIMING = {"tokens_per_s", "step_time_s", "tflops_per_device", "mfu", "peak_host_memory_gb", "gpu"}  # measured, not computed
 # TP 2 x DP 2 on 4 ranks: on two nodes of 2, each tensor-parallel pair is one node's ranks.
 RUN = [*TINY, "train.max_steps=3", "train.save_every=0", "train.num_threads=1", "train.global_batch_size=8",
        "parallel.tensor_parallel=2"]

@@ -22,7 +22,7 @@ from test_train import TINY, tiny_config
 from tools.harness.distributed import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = {"tokens_per_s", "step_time_s"}
+TIMING = {"tokens_per_s", "step_time_s", "tflops_per_device", "mfu", "peak_host_memory_gb", "gpu"}  # measured, not computed
 RUN = [*TINY, "train.max_steps=5", "train.save_every=0", "train.keep_checkpoints=0", "train.num_threads=1",
        "train.global_batch_size=8", "train.eval_every=2", "train.eval_batches=2"]
 

@@ -49,7 +49,7 @@ RUN = ["data.max_bytes=150000", "train.global_batch_size=4", "train.micro_batch_
        "train.warmup_steps=2", "train.lr=0.01", "train.min_lr=0.001", "train.log_every=1", "train.max_steps=5",
        "train.save_every=2", "train.keep_checkpoints=0", "train.eval_every=1", "train.eval_batches=1",
        "train.num_threads=1"]
-TIMING = {"tokens_per_s", "step_time_s"}
+TIMING = {"tokens_per_s", "step_time_s", "tflops_per_device", "mfu", "peak_host_memory_gb", "gpu"}  # measured, not computed
 
 
 @dataclass

@@ -77,8 +77,10 @@ class ProgressPrinter:
         parts = [f"step {step}/{self.total}", f"loss {m['loss']:.4f}"]
         if m.get("mtp_loss") is not None:
             parts.append(f"mtp {m['mtp_loss']:.4f}")
-        parts += [f"lr {m['lr']:.2e}", f"grad {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s",
-                  f"eta {eta:.0f}s"]
+        parts += [f"lr {m['lr']:.2e}", f"grad {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s"]
+        if m.get("mfu") is not None:
+            parts.append(f"MFU {100 * m['mfu']:.0f}%")
+        parts.append(f"eta {eta:.0f}s")
         if m.get("skipped"):
             parts.append(f"SKIPPED ({m.get('skip_reason') or 'non-finite'})")
         self.log(" | ".join(parts))

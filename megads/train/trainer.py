@@ -27,11 +27,14 @@ from megads.shards import CheckpointFormatError
 from megads.train.checkpoint import (describe_error, list_checkpoints, load_checkpoint, load_model_weights,
                                      read_checkpoint_config, resolve_checkpoint, save_checkpoint, verify_checkpoint)
 from megads.train.data import TrainingData, autocast, build_training_data
+from megads.train.device_peak import DevicePeak, device_peak
+from megads.train.flops import training_flops_per_step
 from megads.train.lr_schedule import learning_rate
 from megads.train.metrics import ProgressPrinter
 from megads.train.model_stages import ModelStages
-from megads.train.step_loop import run_steps
 from megads.train.optimizer import build_optimizer
+from megads.train.step_loop import run_steps
+from megads.train.telemetry import GpuTelemetry, peak_host_memory_gb
 from parallel.context import ParallelContext, destroy_distributed, world_size_from_environment
 from parallel.group import Group
 from parallel.zero1 import DistributedOptimizer
@@ -169,6 +172,12 @@ def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: 
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on this rank; layout: {ctx.world_size} ranks = "
         f"{pp}TP {ctx.tp.size}{sp} x DP {ctx.dp.size} (EP {ctx.ep.size}); data: {data.description}")
 
+    step_flops = training_flops_per_step(cfg)
+    peak = device_peak(ctx.device, cfg.fp8.enabled, cfg.data.cache_dir, log) if ctx.rank == 0 else None
+    log(f"FLOPs: {step_flops:.3e} per step (megads.train.flops), {step_flops / ctx.world_size:.3e} per rank"
+        + (f"; MFU against {peak.description}" if peak is not None else ""))
+    gpu = GpuTelemetry(ctx.device)
+
     checkpoints_dir = out / "checkpoints"
     state = restore(cfg, ctx, model, optimizer, checkpoints_dir, log, cfg.rl.init_from if job == "sft" else None)
     start_step = int(state["step"]) if state is not None else 0
@@ -181,6 +190,9 @@ def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: 
     def take_step(step: int) -> dict:
         batches = data.micro_batches(step, ctx.dp.rank, ctx.dp.size, t.micro_batch_size)
         record = train_step(model, optimizer, cfg, step, batches)
+        record.update(utilisation(step_flops, record["step_time_s"], ctx.world_size, peak))
+        if (step + 1) % t.log_every == 0 and (sample := gpu.sample()) is not None:
+            record["gpu"] = sample
         if t.eval_every and (step + 1) % t.eval_every == 0:
             record.update(data.evaluate(model, cfg))
         return record
@@ -193,6 +205,16 @@ def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: 
     last_loss = record["loss"]
     log(f"done: {step} steps, final loss {last_loss:.4f}; checkpoints in {checkpoints_dir}")
     return TrainResult(out, step, last_loss)
+
+
+def utilisation(step_flops: float, step_time_s: float, world_size: int, peak: Optional[DevicePeak]) -> dict:
+    """A step's achieved TFLOP/s per device (the FLOP model's count over the step's time), its MFU
+    against the device's peak (when known: rank 0), and this process's peak host memory."""
+    achieved = step_flops / step_time_s / world_size
+    record = {"tflops_per_device": achieved / 1e12, "peak_host_memory_gb": peak_host_memory_gb()}
+    if peak is not None:
+        record["mfu"] = achieved / peak.flops
+    return record
 
 
 def train_step(model: ModelStages, optimizer, cfg: Config, step: int,
