@@ -8,6 +8,7 @@
     megads export-hf CKPT_DIR HF_DIR [--fp8]             megads checkpoint (or run dir) -> Hugging Face dir
     megads convert-checkpoint SRC DST --set parallel.…   a checkpoint for another layout (resume with it)
     megads preprocess INPUT... --output PREFIX --tokenizer FILE   JSONL / text -> PREFIX.bin/.idx (data.datasets)
+    megads plot RUN_DIR... [--output DIR]                PNG figures from runs' metrics.jsonl
 """
 
 from __future__ import annotations
@@ -86,6 +87,17 @@ def _preprocess(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from pathlib import Path
+
+    from megads.plot import plot_runs
+
+    output = Path(args.output) if args.output else Path(args.run_dirs[0]) / "plots"
+    for path in plot_runs([Path(d) for d in args.run_dirs], output):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megads", description="Train DeepSeek-V3-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
                      help="seconds between progress lines (default 5)")
     pre.set_defaults(func=_preprocess)
+
+    plot = sub.add_parser("plot", help="PNG figures (loss, throughput, expert load, GRPO) from runs' metrics.jsonl")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories; several are overlaid")
+    plot.add_argument("--output", metavar="DIR", help="where the PNGs go (default: FIRST_RUN_DIR/plots)")
+    plot.set_defaults(func=_plot)
     return parser
 
 
