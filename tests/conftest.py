@@ -12,3 +12,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A tokenized-data cache shared by the runs of one test module (built once per module)."""
+    return tmp_path_factory.mktemp("data-cache")

@@ -26,11 +26,6 @@ quiet = lambda *_: None  # noqa: E731
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
-
-
-@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, cache_dir):
     """A run with checkpoints step_2 and step_4, copied fresh for each test that damages it."""
     out = tmp_path_factory.mktemp("finished")

@@ -26,11 +26,6 @@ TIMING = {"tokens_per_s", "step_time_s", "tflops_per_device", "mfu", "peak_host_
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("uninterrupted")
     train(tiny_config(out, cache_dir, *STEPS, "train.save_every=0"), log=lambda *_: None)

@@ -28,11 +28,6 @@ LAYOUTS = {  # name: (overrides, ranks)
 }
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
-
-
 def _train_worker(overrides):
     train(tiny_config(None, None, *overrides), log=lambda *_: None)
 

@@ -27,11 +27,6 @@ TINY = tiny_overrides(
 )
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
-
-
 def tiny_config(tmp_path, cache_dir, *extra):
     return load_config(None, TINY + [f"data.cache_dir={cache_dir}", f"train.output_dir={tmp_path}", *extra])
 

@@ -206,12 +206,8 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """Complete checkpoints (with a manifest), oldest first. Partial saves are skipped."""
     if not checkpoints_dir.is_dir():
         return []
-    found = []
-    for path in checkpoints_dir.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and path.is_dir() and (path / MANIFEST).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+    found = [(checkpoint_step(path), path) for path in checkpoints_dir.iterdir()]
+    return [path for step, path in sorted(found) if step >= 0 and path.is_dir() and (path / MANIFEST).is_file()]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -265,13 +261,14 @@ def verify_checkpoint(ckpt: Path, ctx: Optional[ParallelContext] = None) -> None
     problem = world.first_reported(problem)
     if problem is None:
         return
-    older = [path for path in list_checkpoints(ckpt.parent) if _step_of(path) < _step_of(ckpt)]
+    older = [path for path in list_checkpoints(ckpt.parent) if checkpoint_step(path) < checkpoint_step(ckpt)]
     fallback = (f"; the previous complete checkpoint is {older[-1]}: move {ckpt} out of {ckpt.parent} to resume "
                 f"from it" if older else "")
     raise CheckpointFormatError(f"{problem}{fallback}.")
 
 
-def _step_of(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """N for a directory named step_N, else -1."""
     match = _STEP_DIR.match(path.name)
     return int(match.group(1)) if match else -1
 

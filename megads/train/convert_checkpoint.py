@@ -15,7 +15,7 @@ from pathlib import Path
 
 from megads.config import ConfigError, dump_config, load_config
 from megads.shards import CheckpointFormatError
-from megads.train.checkpoint import finalize_directory, resolve_checkpoint, verify_checkpoint
+from megads.train.checkpoint import checkpoint_step, finalize_directory, resolve_checkpoint, verify_checkpoint
 from parallel.zero1_checkpoint import MOMENTS
 
 
@@ -42,7 +42,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, overrides: list[s
         shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns("COMPLETE"))
         cfg.train.output_dir = str(target)
         (tmp / "config.yaml").write_text(dump_config(cfg))
-        finalize_directory(tmp, step_dir, int(ckpt.name.removeprefix("step_")))
+        finalize_directory(tmp, step_dir, checkpoint_step(ckpt))
         (target / "config.yaml").write_text(dump_config(cfg))
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)

@@ -6,8 +6,9 @@ filesystem) is found when the checkpoint is loaded, named, and never trained on.
 
 Checksums (xxh3-128: a damage check at memory speed, not a signature) are computed by the rank
 that wrote each file, right after writing it, from the page cache, in a few threads that also
-flush it to disk (`seal_files`); under parallelism every rank hashes only its own files. Verification on load is split the
-same way: each rank checks a share of the files and the ranks agree on the result.
+flush it to disk (`seal_files`); under parallelism every rank hashes only its own files.
+Verification on load is split the same way: each rank checks a share of the files and the ranks
+agree on the result.
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ def find_damage(directory: Path, share: tuple[int, int] = (0, 1)) -> Optional[st
     """The first problem (a sentence) among the files of `directory` that its manifest lists, or
     None. With `share` = (i, n) only every n-th file from the i-th is read: a rank's share, the
     ranks then agree on the result. The manifest itself must be sound (else CheckpointFormatError)."""
-    manifest = read_manifest(directory)
+    return _first_problem(directory, read_manifest(directory), share)
+
+
+def _first_problem(directory: Path, manifest: dict, share: tuple[int, int]) -> Optional[str]:
     for name, entry in sorted(manifest["files"].items())[share[0]::share[1]]:
         problem = check_file(directory, name, entry)
         if problem is not None:
@@ -120,7 +124,8 @@ def find_damage(directory: Path, share: tuple[int, int] = (0, 1)) -> Optional[st
 def verify_manifest(directory: Path) -> dict:
     """Read every file the manifest lists and check its size and checksum; returns the manifest,
     or raises CheckpointFormatError naming the first damaged file."""
-    problem = find_damage(directory)
+    manifest = read_manifest(directory)
+    problem = _first_problem(directory, manifest, (0, 1))
     if problem is not None:
         raise CheckpointFormatError(problem + ".")
-    return read_manifest(directory)
+    return manifest

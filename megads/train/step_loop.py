@@ -45,7 +45,6 @@ def run_steps(cfg: Config, ctx: ParallelContext, start_step: int, take_step: Cal
 
 def _run_steps(cfg, ctx, start_step, take_step, save, metrics, report, log) -> tuple[int, Optional[dict]]:
     t = cfg.train
-    save_every = t.save_every
     step, record, skipped_in_a_row = start_step, None, 0
     with StopSignals() as signals:
         while step < t.max_steps:
@@ -56,7 +55,7 @@ def _run_steps(cfg, ctx, start_step, take_step, save, metrics, report, log) -> t
             report(record)
             signum = signals.agreed(ctx.device)
             checkpoint = None
-            if (save_every and step % save_every == 0) or step == t.max_steps:
+            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
                 checkpoint = save(step)
                 signum = signum or signals.agreed(ctx.device)  # a signal during the save: it is fresh
             if signum is not None:
