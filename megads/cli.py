@@ -8,12 +8,14 @@
     megads export-hf CKPT_DIR HF_DIR [--fp8]             megads checkpoint (or run dir) -> Hugging Face dir
     megads convert-checkpoint SRC DST --set parallel.…   a checkpoint for another layout (resume with it)
     megads preprocess INPUT... --output PREFIX --tokenizer FILE   JSONL / text -> PREFIX.bin/.idx (data.datasets)
+    megads profile CONFIG [--set ...] [--vary K=V1,V2]   a few steps: tokens/s, MFU, time split, comm, memory
     megads plot RUN_DIR... [--output DIR]                PNG figures from runs' metrics.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megads.config import ConfigError, describe_fields, load_config
@@ -98,6 +100,22 @@ def _plot(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from pathlib import Path
+
+    from megads.profile import format_table, profile_config, write_json
+
+    rank_zero = int(os.environ.get("RANK", "0")) == 0     # torchrun's; the process group is gone by now
+    results = profile_config(args.config, args.set, args.steps, args.warmup, args.vary,
+                             log=print if rank_zero else (lambda *_: None))
+    if rank_zero:
+        print(format_table(results, f"megads profile {args.config}: {args.steps} steps after {args.warmup} "
+                                    f"warm-up"))
+        if args.json:
+            write_json(results, Path(args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megads", description="Train DeepSeek-V3-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
                      help="seconds between progress lines (default 5)")
     pre.set_defaults(func=_preprocess)
+
+    prof = sub.add_parser("profile", help="run a few training steps of a config and print throughput, MFU, where the "
+                                          "time goes, communication and peak memory per rank")
+    prof.add_argument("config", nargs="?", help="YAML config, e.g. examples/configs/tiny.yaml")
+    prof.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", help="override config values")
+    prof.add_argument("--steps", type=int, default=5, help="measured steps (default 5)")
+    prof.add_argument("--warmup", type=int, default=2, help="steps run first and not measured (default 2)")
+    prof.add_argument("--vary", metavar="SECTION.KEY=V1,V2,...",
+                      help="profile once per value, one column each, e.g. train.recompute=none,selective,full")
+    prof.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    prof.set_defaults(func=_profile)
 
     plot = sub.add_parser("plot", help="PNG figures (loss, throughput, expert load, GRPO) from runs' metrics.jsonl")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories; several are overlaid")

@@ -205,6 +205,9 @@ class TrainConfig:
     max_skipped_steps: int = _f(
         20, "Stop with an error after this many consecutive skipped steps (non-finite loss, gradient or update: "
             "never applied); 0: never stop for that.")
+    profile_steps: list[int] = _f(
+        [], "Steps (1-based) to trace with torch.profiler: OUTPUT_DIR/profile/rank{R}.{STEP}.pt.trace.json, for "
+            "TensorBoard's profiler view (torch-tb-profiler) or Perfetto; e.g. [5, 6]. Tracing slows those steps.")
 
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -571,6 +574,9 @@ def _train_rules(t: TrainConfig, m: ModelConfig):
     yield t.adam_eps > 0, f"train.adam_eps must be positive, got {t.adam_eps}."
     yield t.decay_steps is None or t.decay_steps >= 1, f"train.decay_steps must be null or at least 1, got {t.decay_steps}."
     yield t.num_threads is None or t.num_threads >= 1, f"train.num_threads must be null or at least 1, got {t.num_threads}."
+    bad_steps = [s for s in t.profile_steps if not 1 <= s <= t.max_steps]
+    yield not bad_steps, (f"train.profile_steps must name steps between 1 and train.max_steps ({t.max_steps}), "
+                          f"got {bad_steps}.")
     # A longer sequence would train, silently, on rotary positions outside the context the model is meant for.
     # Under YaRN max_position_embeddings is already the extended length (DeepSeek-V3: 163840 = factor 40 x
     # original 4096), so it is the bound either way.

@@ -16,7 +16,7 @@ place:
   timeout, or the network failed) raises `CollectiveError`, one sentence naming the group and the
   operation, instead of a backend's multi-line message.
 * **Measurement.** ``observer`` (None unless a tool sets one) is called after every collective
-  with ``(kind, nbytes, seconds, group)``: ``tools/harness/comm_stats.py`` counts bytes per group
+  with ``(kind, nbytes, seconds, group)``: ``parallel/comm_meter.py`` counts bytes per group
   through it, without patching torch.distributed.
 
 Bytes are the payload as the calling rank sees it (element size x elements): the tensor for

@@ -17,12 +17,12 @@ from megads.train.checkpoint import list_checkpoints
 from megads.cli import main as cli_main
 from megads.train.stopping import Interrupted
 from megads.train.trainer import train
+from megads.train.metrics import MEASURED_FIELDS
 from test_train import tiny_config
 from tools.harness.faults import POINTS, install
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["train.max_steps=5", "train.eval_every=1", "train.eval_batches=1", "train.keep_checkpoints=0"]
-TIMING = {"tokens_per_s", "step_time_s", "tflops_per_device", "mfu", "peak_host_memory_gb", "gpu"}  # measured, not computed
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def uninterrupted(tmp_path_factory, cache_dir):
 
 def records(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in MEASURED_FIELDS} for line in lines]
 
 
 def assert_same_run(run_dir, reference):

@@ -16,13 +16,13 @@ import pytest
 
 from megads.config import dump_config
 from megads.train.checkpoint import list_checkpoints
+from megads.train.metrics import MEASURED_FIELDS
 from test_train import TINY, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "tools" / "launch" / "torchrun_multinode.sh"
 SBATCH = REPO / "tools" / "launch" / "slurm.sbatch"
 STANDIN = REPO / "tests" / "slurm_standin"
-TIMING = {"tokens_per_s", "step_time_s", "tflops_per_device", "mfu", "peak_host_memory_gb", "gpu"}  # measured, not computed
 # TP 2 x DP 2 on 4 ranks: on two nodes of 2, each tensor-parallel pair is one node's ranks.
 RUN = [*TINY, "train.max_steps=3", "train.save_every=0", "train.num_threads=1", "train.global_batch_size=8",
        "parallel.tensor_parallel=2"]
@@ -43,7 +43,7 @@ def free_port():
 
 
 def records(run_dir):
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+    return [{k: v for k, v in json.loads(line).items() if k not in MEASURED_FIELDS}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -17,17 +17,17 @@ from megads.shards import ShardedReader
 from megads.train.checkpoint import list_checkpoints
 from megads.train.stopping import Interrupted
 from megads.train.trainer import train
+from megads.train.metrics import MEASURED_FIELDS
 from test_train import TINY, tiny_config
 from tools.harness.distributed import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = {"tokens_per_s", "step_time_s", "tflops_per_device", "mfu", "peak_host_memory_gb", "gpu"}  # measured, not computed
 RUN = [*TINY, "train.max_steps=5", "train.save_every=0", "train.keep_checkpoints=0", "train.num_threads=1",
        "train.global_batch_size=8", "train.eval_every=2", "train.eval_batches=2"]
 
 
 def records(run_dir):
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+    return [{k: v for k, v in json.loads(line).items() if k not in MEASURED_FIELDS}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

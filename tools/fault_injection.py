@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from megads.config import Config, dump_config, load_config  # noqa: E402
 from megads.shards import ShardedReader  # noqa: E402
 from megads.train.checkpoint import list_checkpoints  # noqa: E402
+from megads.train.metrics import MEASURED_FIELDS  # noqa: E402
 from tools.harness.faults import POINTS  # noqa: E402
 
 MODEL = ["model.vocab_size=512", "model.hidden_size=32", "model.num_hidden_layers=2", "model.first_k_dense_replace=1",
@@ -49,7 +50,6 @@ RUN = ["data.max_bytes=150000", "train.global_batch_size=4", "train.micro_batch_
        "train.warmup_steps=2", "train.lr=0.01", "train.min_lr=0.001", "train.log_every=1", "train.max_steps=5",
        "train.save_every=2", "train.keep_checkpoints=0", "train.eval_every=1", "train.eval_batches=1",
        "train.num_threads=1"]
-TIMING = {"tokens_per_s", "step_time_s", "tflops_per_device", "mfu", "peak_host_memory_gb", "gpu"}  # measured, not computed
 
 
 @dataclass
@@ -105,7 +105,7 @@ def records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
+    return [{k: v for k, v in json.loads(line).items() if k not in MEASURED_FIELDS} for line in path.read_text().splitlines()]
 
 
 def same_run(run_dir: Path, reference: Path) -> Optional[str]:

@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Optional
 
 
+# Fields of a record that are measured, not computed: they differ between two identical runs (every
+# other field is a pure function of config, seed and data). Compare runs without them.
+MEASURED_FIELDS = frozenset({"tokens_per_s", "step_time_s", "tflops_per_device", "mfu", "peak_host_memory_gb", "gpu",
+                             "time_s", "comm", "pipeline_bubble"})
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records after `last_step`: steps a crashed run logged after its last checkpoint are redone."""
     if not path.is_file():
@@ -16,6 +22,15 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= last_step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _scalars(prefix: str, value):
+    """(tag, number) for every finite number in a record, nested dicts as "key/sub/..." tags."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            yield from _scalars(f"{prefix}/{key}" if prefix else str(key), sub)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        yield prefix, value
 
 
 class MetricsLogger:
@@ -41,15 +56,8 @@ class MetricsLogger:
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
         if self._tb is not None:
-            step = metrics["step"]
-            for key, value in metrics.items():
-                if key == "step":
-                    continue
-                if isinstance(value, dict):
-                    for sub, v in value.items():
-                        self._tb.add_scalar(f"{key}/{sub}", v, step)
-                elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+            for tag, value in _scalars("", {k: v for k, v in metrics.items() if k != "step"}):
+                self._tb.add_scalar(tag, value, metrics["step"])
 
     def close(self) -> None:
         self._file.close()

@@ -4,7 +4,10 @@ the GPU fields are then simply absent."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -13,6 +16,41 @@ import torch
 def peak_host_memory_gb() -> float:
     """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak for `peak_memory_gb`: the device allocator's peak on a GPU; on CPU the
+    process's peak resident set (Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the
+    current RSS; freed memory the C allocator has not returned first is given back with
+    malloc_trim, so that an earlier, larger peak does not linger as resident). Returns False
+    where the peak cannot be reset (the peak is then the process's since it started)."""
+    if device.type != "cpu":
+        torch.accelerator.reset_peak_memory_stats(device)
+        return True
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory since `reset_peak_memory`: allocated device memory on a GPU, the resident set on CPU
+    (VmHWM; ru_maxrss where /proc is missing)."""
+    if device.type != "cpu":
+        return torch.accelerator.max_memory_allocated(device) / 1e9
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return peak_host_memory_gb()
 
 
 class GpuTelemetry:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,7 +35,9 @@ from megads.train.metrics import ProgressPrinter
 from megads.train.model_stages import ModelStages
 from megads.train.optimizer import build_optimizer
 from megads.train.step_loop import run_steps
+from megads.train.step_profile import PhaseClock, profiler_trace, step_profile
 from megads.train.telemetry import GpuTelemetry, peak_host_memory_gb
+from parallel.comm_meter import count_collectives
 from parallel.context import ParallelContext, destroy_distributed, world_size_from_environment
 from parallel.group import Group
 from parallel.zero1 import DistributedOptimizer
@@ -148,6 +151,17 @@ def restore(cfg: Config, ctx: ParallelContext, model: ModelStages, optimizer, ch
     return None
 
 
+def layout_description(cfg: Config, ctx: ParallelContext, model: ModelStages) -> str:
+    """E.g. "4 ranks = PP 2 (1f1b, stages [0] on pipeline rank 0, 4 micro-batches) x TP 2 (SP) x DP 1 (EP 1)"."""
+    sp = " (SP)" if ctx.sequence_parallel else ""
+    pp = ""
+    if ctx.pp.size > 1:
+        pp = (f"PP {ctx.pp.size} ({cfg.parallel.schedule}, stages {model.stage_ids} on pipeline rank 0, "
+              f"{model.num_microbatches} micro-batches) x ")
+    ranks = f"{ctx.world_size} rank" + ("s" if ctx.world_size > 1 else "")
+    return f"{ranks} = {pp}TP {ctx.tp.size}{sp} x DP {ctx.dp.size} (EP {ctx.ep.size})"
+
+
 def parallel_context(cfg: Config, job: str = "train") -> ParallelContext:
     """Validate the config and the layout against the launcher's world size (before any process
     group exists), then start torch.distributed if needed and build the groups."""
@@ -164,19 +178,13 @@ def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: 
 
     torch.manual_seed(t.seed)
     model, optimizer = build_training_model(cfg, ctx, log)
-    sp = " (SP)" if ctx.sequence_parallel else ""
-    pp = ""
-    if ctx.pp.size > 1:
-        pp = (f"PP {ctx.pp.size} ({cfg.parallel.schedule}, stages {model.stage_ids} on pipeline rank 0, "
-              f"{model.num_microbatches} micro-batches) x ")
-    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on this rank; layout: {ctx.world_size} ranks = "
-        f"{pp}TP {ctx.tp.size}{sp} x DP {ctx.dp.size} (EP {ctx.ep.size}); data: {data.description}")
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on this rank; layout: "
+        f"{layout_description(cfg, ctx, model)}; data: {data.description}")
 
-    step_flops = training_flops_per_step(cfg)
     peak = device_peak(ctx.device, cfg.fp8.enabled, cfg.data.cache_dir, log) if ctx.rank == 0 else None
+    step_flops = training_flops_per_step(cfg)
     log(f"FLOPs: {step_flops:.3e} per step (megads.train.flops), {step_flops / ctx.world_size:.3e} per rank"
         + (f"; MFU against {peak.description}" if peak is not None else ""))
-    gpu = GpuTelemetry(ctx.device)
 
     checkpoints_dir = out / "checkpoints"
     state = restore(cfg, ctx, model, optimizer, checkpoints_dir, log, cfg.rl.init_from if job == "sft" else None)
@@ -187,15 +195,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: 
 
     progress = ProgressPrinter(t.max_steps, t.log_every, log=log)
 
-    def take_step(step: int) -> dict:
-        batches = data.micro_batches(step, ctx.dp.rank, ctx.dp.size, t.micro_batch_size)
-        record = train_step(model, optimizer, cfg, step, batches)
-        record.update(utilisation(step_flops, record["step_time_s"], ctx.world_size, peak))
-        if (step + 1) % t.log_every == 0 and (sample := gpu.sample()) is not None:
-            record["gpu"] = sample
-        if t.eval_every and (step + 1) % t.eval_every == 0:
-            record.update(data.evaluate(model, cfg))
-        return record
+    take_step = step_function(cfg, ctx, model, optimizer, data, peak, out / "profile")
 
     def save(at_step: int) -> Path:
         return save_checkpoint(checkpoints_dir, at_step, cfg, model, optimizer, {"torch_rng": torch.get_rng_state()},
@@ -205,6 +205,37 @@ def _train(cfg: Config, ctx: ParallelContext, log, make_data: DataFactory, job: 
     last_loss = record["loss"]
     log(f"done: {step} steps, final loss {last_loss:.4f}; checkpoints in {checkpoints_dir}")
     return TrainResult(out, step, last_loss)
+
+
+def step_function(cfg: Config, ctx: ParallelContext, model: ModelStages, optimizer, data: TrainingData,
+                  peak: Optional[DevicePeak], trace_dir: Path) -> Callable[[int], dict]:
+    """`take_step(step)`: run step `step` + 1 (0-based argument) and return its record: the train
+    step's metrics, utilisation (TFLOP/s, MFU, memory, GPU telemetry every log_every steps), the
+    validation loss when due, and where the time went (`megads.train.step_profile`); the steps in
+    train.profile_steps are traced with torch.profiler into `trace_dir`."""
+    t = cfg.train
+    step_flops = training_flops_per_step(cfg)
+    gpu = GpuTelemetry(ctx.device)
+
+    def take_step(step: int) -> dict:
+        clock = PhaseClock(ctx.device)
+        traced = step + 1 in t.profile_steps
+        with count_collectives(ctx) as comm, (profiler_trace(trace_dir, step + 1, ctx.rank, ctx.device) if traced
+                                              else nullcontext()):
+            with clock("data"):
+                batches = data.micro_batches(step, ctx.dp.rank, ctx.dp.size, t.micro_batch_size)
+            record = train_step(model, optimizer, cfg, step, batches, clock)
+            if t.eval_every and (step + 1) % t.eval_every == 0:
+                with clock("evaluation"):
+                    record.update(data.evaluate(model, cfg))
+        record.update(utilisation(step_flops, record["step_time_s"], ctx.world_size, peak))
+        if (step + 1) % t.log_every == 0 and (sample := gpu.sample()) is not None:
+            record["gpu"] = sample
+        record.update(step_profile(clock, model.executor.time_by_kind(), record["step_time_s"], comm,
+                                   ctx.pp.size > 1))
+        return record
+
+    return take_step
 
 
 def utilisation(step_flops: float, step_time_s: float, world_size: int, peak: Optional[DevicePeak]) -> dict:
@@ -218,12 +249,14 @@ def utilisation(step_flops: float, step_time_s: float, world_size: int, peak: Op
 
 
 def train_step(model: ModelStages, optimizer, cfg: Config, step: int,
-               batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+               batches: list[tuple[torch.Tensor, torch.Tensor]], clock: Optional[PhaseClock] = None) -> dict:
     """One optimizer step over this rank's micro-batches (a collective under parallelism).
 
-    Returns the step's metrics record, averaged over data-parallel ranks.
+    Returns the step's metrics record, averaged over data-parallel ranks; `clock` (if given) times
+    its phases (megads.train.step_profile).
     """
     t, ctx = cfg.train, model.ctx
+    clock = clock if clock is not None else PhaseClock(ctx.device)
     started = time.perf_counter()
     lr = learning_rate(step, t)
     for group in optimizer.param_groups:
@@ -231,17 +264,18 @@ def train_step(model: ModelStages, optimizer, cfg: Config, step: int,
     optimizer.zero_grad(set_to_none=True)
 
     tokens = sum(input_ids.numel() for input_ids, _ in batches)
-    with autocast(cfg, ctx.device):
+    with autocast(cfg, ctx.device), clock("schedule"):
         sums = model.run(batches)
     fp8 = fp8_stats(model, reset=True) if cfg.fp8.enabled else None
     if fp8 is not None:
         # Any inf/NaN met while quantizing makes the step non-finite: it is skipped and reported.
         sums["fp8_nonfinite"] = float(fp8["nonfinite"])
-    model.finish_gradients()
-    depths = [v for k, v in sorted(sums.items()) if k.startswith("mtp_loss_depth_")]
-    if depths:
-        sums["mtp_loss"] = sum(depths) / len(depths)
-    sums = _average_metrics(sums, ctx)
+    with clock("gradient_sync"):
+        model.finish_gradients()
+        depths = [v for k, v in sorted(sums.items()) if k.startswith("mtp_loss_depth_")]
+        if depths:
+            sums["mtp_loss"] = sum(depths) / len(depths)
+        sums = _average_metrics(sums, ctx)
     fp8_nonfinite = sums.pop("fp8_nonfinite", 0.0)
 
     # identical on all ranks (averaged; the optimizer decides alike everywhere)
@@ -251,14 +285,16 @@ def train_step(model: ModelStages, optimizer, cfg: Config, step: int,
     elif fp8_nonfinite > 0:
         skip_reason = "non-finite FP8 quantization input"
     else:
-        result = optimizer.step(max_grad_norm=t.grad_clip if t.grad_clip > 0 else None)
+        with clock("optimizer"):
+            result = optimizer.step(max_grad_norm=t.grad_clip if t.grad_clip > 0 else None)
         grad_norm, skipped, skip_reason = result.grad_norm, result.skipped, result.reason
     if skipped:
         for moe in model.moe_layers():
             moe.tokens_per_expert.zero_()
         imbalance = {}
     else:
-        imbalance = model.update_router_biases(cfg.model.bias_update_speed, reduce_loads=ctx.stage.sum)
+        with clock("router_bias"):
+            imbalance = model.update_router_biases(cfg.model.bias_update_speed, reduce_loads=ctx.stage.sum)
     elapsed = time.perf_counter() - started
 
     record = {"step": step + 1, "loss": sums.get("loss"), "mtp_loss": sums.get("mtp_loss"), "lr": lr,

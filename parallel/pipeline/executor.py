@@ -113,6 +113,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
+from torch.profiler import record_function
 
 from parallel.group import Group
 
@@ -288,6 +289,21 @@ class PipelineExecutor:
                 "bubble_fraction": bubble / makespan if makespan > 0 else 0.0,
                 "comm_wait": sum(t.duration for t in self.comm_timeline)}
 
+    def time_by_kind(self) -> Dict[str, float]:
+        """This rank's last step split by what the time went to (seconds, summing to the makespan):
+        ``forward`` (F), ``backward`` (B and BW: a BW's weight gradients are inside it),
+        ``weight_grad`` (W), ``forward_backward`` (FB: an overlapped pair cannot be split) and
+        ``pipeline_wait`` (the rest: waiting for point-to-point transfers and idle, the bubble).
+        Kinds the schedule does not have are absent (pipeline_wait is always there)."""
+        names = {Kind.F: "forward", Kind.B: "backward", Kind.BW: "backward", Kind.W: "weight_grad",
+                 Kind.FB: "forward_backward"}
+        split: Dict[str, float] = {}
+        for timing in self.timeline:
+            name = names[timing.op.kind]
+            split[name] = split.get(name, 0.0) + timing.duration
+        split["pipeline_wait"] = max(0.0, (self.step_end - self.step_start) - sum(split.values()))
+        return split
+
     # ------------------------------------------------------------------ set-up
 
     @staticmethod
@@ -331,6 +347,12 @@ class PipelineExecutor:
     def _timed_compute(self, op: Op) -> None:
         self._sync()
         start = time.perf_counter()
+        with record_function(f"{op.kind.name} mb{op.mb} stage{op.stage}"):   # a span in torch.profiler traces
+            self._compute(op)
+        self._sync()
+        self.timeline.append(OpTiming(op, start, time.perf_counter(), (op,)))
+
+    def _compute(self, op: Op) -> None:
         if op.kind is Kind.FB:
             f, b = op.parts()
             run_f, run_b = (lambda: self._forward(f)), (lambda: self._backward(b))
@@ -349,8 +371,6 @@ class PipelineExecutor:
             self._weight(op)
         else:
             raise ValueError(f"not a compute op: {op}")
-        self._sync()
-        self.timeline.append(OpTiming(op, start, time.perf_counter(), (op,)))
 
     def _module(self, op: Op) -> nn.Module:
         stage = self.schedule.stage_of(self.rank, op.chunk)

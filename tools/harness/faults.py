@@ -128,7 +128,7 @@ def install(spec: str) -> Optional[_Injector]:
 
     injector = _Injector(fault)
     reach = injector.reach
-    injector.wrap(trainer, "train_step", lambda model, optimizer, cfg, step, batches: reach("", step + 1))
+    injector.wrap(trainer, "train_step", lambda model, optimizer, cfg, step, *rest: reach("", step + 1))
     injector.wrap(GRPOTrainer, "step", lambda self, step: reach("", step + 1))
     for data_class in (CorpusData, BlendedData, DemonstrationData):
         injector.wrap(data_class, "micro_batches", lambda self, step, *a, **k: reach("data", step + 1))
