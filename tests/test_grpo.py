@@ -185,6 +185,7 @@ def test_grpo_resumes_exactly_and_exports(init_checkpoint, tmp_path):
                   "completion_length_mean", "zero_variance_groups", "logprob_gap", "grad_norm"):
         assert field in a[0], field
     assert "eval_accuracy" in a[-1] and "eval_pass_at_g" in a[-1]
+    assert all(r["comm"] == {} for r in a)     # one process: no collective (counted per kind under layouts)
 
     from megads.hf import export_hf
     export_hf(tmp_path / "straight", tmp_path / "hf")

@@ -51,6 +51,7 @@ from megads.train.model_stages import ModelStages, Stage
 from megads.train.step_loop import run_steps
 from megads.train.trainer import (TrainResult, build_training_model, check_same_model, prepare_output, restore,
                                   run_job)
+from parallel.comm_meter import count_collectives
 from parallel.context import ParallelContext
 from parallel.tensor import vocab_parallel_cross_entropy, vocab_parallel_entropy
 
@@ -345,7 +346,9 @@ def _grpo(cfg: Config, ctx: ParallelContext, log, registry: Optional[RewardRegis
         log(f"held-out before GRPO: greedy accuracy {before['eval_accuracy']:.3f}, "
             f"pass@{rl.group_size} {before['eval_pass_at_g']:.3f} ({rl.eval_problems} problems)")
     def take_step(step: int) -> dict:
-        record = trainer.step(step)
+        with count_collectives(ctx) as comm:      # rollout_s and update_s split the step's time
+            record = trainer.step(step)
+        record["comm"] = comm.as_dict()
         if (rl.eval_every and (step + 1) % rl.eval_every == 0) or step + 1 == t.max_steps:
             record.update(trainer.evaluate())
         return record
