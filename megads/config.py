@@ -200,6 +200,9 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "Keep the newest N checkpoints (0: keep all).")
     log_every: int = _f(10, "Print a progress line every N steps.")
     eval_every: int = _f(0, "Evaluate the validation loss every N steps (0: never).")
+    expert_load_every: Optional[int] = _f(
+        None, "Log every MoE layer's per-expert load (tokens over the mean, metrics.jsonl `expert_load`) every N "
+              "steps; null: every log_every steps; 0: never (the per-layer max/mean is logged every step anyway).")
     eval_batches: int = _f(4, "Micro-batches per validation-loss evaluation.")
     num_threads: Optional[int] = _f(None, "torch intra-op threads on CPU; null: torch's default.")
     max_skipped_steps: int = _f(
@@ -574,6 +577,8 @@ def _train_rules(t: TrainConfig, m: ModelConfig):
     yield t.adam_eps > 0, f"train.adam_eps must be positive, got {t.adam_eps}."
     yield t.decay_steps is None or t.decay_steps >= 1, f"train.decay_steps must be null or at least 1, got {t.decay_steps}."
     yield t.num_threads is None or t.num_threads >= 1, f"train.num_threads must be null or at least 1, got {t.num_threads}."
+    yield t.expert_load_every is None or t.expert_load_every >= 0, (
+        f"train.expert_load_every must be null or not negative, got {t.expert_load_every}.")
     bad_steps = [s for s in t.profile_steps if not 1 <= s <= t.max_steps]
     yield not bad_steps, (f"train.profile_steps must name steps between 1 and train.max_steps ({t.max_steps}), "
                           f"got {bad_steps}.")

@@ -5,6 +5,8 @@ Figures written (each only when some run has the fields it shows):
     loss.png                  language-model loss of every LM run overlaid (MTP loss dashed, valid_loss as markers)
     throughput.png            tokens/s per step, and TFLOP/s per device and MFU when logged
     expert_load_<run>.png     per LM run: a layer x step heatmap of expert load imbalance (max/mean)
+    expert_load_per_expert_<run>.png   per LM run that logged `expert_load`: an expert x step heatmap per
+                              MoE layer of each expert's tokens over the mean
     grpo_<run>.png            per GRPO run: reward, accuracy (held-out accuracy as markers), completion length, KL
 
 Skipped steps log null for non-finite values: they become NaN, which matplotlib leaves as a gap.
@@ -130,11 +132,9 @@ def plot_throughput(runs: list[Run], plt, path: Path) -> None:
 
 
 def plot_expert_load(run: Run, plt, path: Path) -> None:
-    """Layer x step heatmap of `expert_load_max_over_mean` (tokens of the busiest expert over the mean).
-
-    metrics.jsonl logs only this per-layer imbalance, not per-expert token counts, so the heatmap shows
-    which layers (and when) route unevenly rather than which experts are overloaded; 1.0 is perfect balance.
-    """
+    """Layer x step heatmap of `expert_load_max_over_mean` (tokens of the busiest expert over the mean),
+    logged every step: which layers (and when) route unevenly; 1.0 is perfect balance. Which experts
+    are overloaded is `plot_expert_load_per_expert`'s figure."""
     import numpy as np
 
     layers: list[str] = []  # first-appearance order is the model's order
@@ -156,6 +156,46 @@ def plot_expert_load(run: Run, plt, path: Path) -> None:
     ax.set(xlabel="step", title=f"{run.label}: expert load imbalance (max/mean tokens per expert)")
     fig.colorbar(image, ax=ax, label="max / mean")
     fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_expert_load_per_expert(run: Run, plt, path: Path) -> None:
+    """One expert x step heatmap per MoE layer of `expert_load` (each expert's tokens over the mean,
+    logged every train.expert_load_every steps): which experts are overloaded, and whether the
+    routing bias evens them out. One colour scale for all layers: 0 blue, 1 (balance) white."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    logged = [r for r in run.records if isinstance(r.get("expert_load"), dict)]
+    layers: list[str] = []
+    for record in logged:
+        layers += [layer for layer in record["expert_load"] if layer not in layers]
+    steps = [r["step"] for r in logged]
+    grids = []
+    for layer in layers:
+        experts = max(len(r["expert_load"].get(layer) or []) for r in logged)
+        grid = np.full((experts, len(steps)), np.nan)
+        for column, record in enumerate(logged):
+            load = record["expert_load"].get(layer) or []
+            grid[:len(load), column] = load
+        grids.append(grid)
+    top = max([2.0] + [float(np.nanmax(g)) for g in grids if np.isfinite(g).any()])
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top)   # starved blue, balanced white, overloaded red
+    columns = min(4, len(layers))
+    rows = -(-len(layers) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.5 * columns + 1, 3 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    for ax, layer, grid in zip(axes.flat, layers, grids):
+        image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap="coolwarm",
+                          norm=norm, extent=(-0.5, len(steps) - 0.5, grid.shape[0] - 0.5, -0.5))
+        ticks = sorted(set(np.linspace(0, len(steps) - 1, min(len(steps), 5)).round().astype(int)))
+        ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
+        ax.set(title=layer, xlabel="step", ylabel="expert")
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    fig.suptitle(f"{run.label}: tokens per expert over the mean (1 = balanced)")
+    fig.colorbar(image, ax=axes, label="load / mean")
     fig.savefig(path)
     plt.close(fig)
 
@@ -203,6 +243,9 @@ def plot_runs(run_dirs: list[Path], output_dir: Path) -> list[Path]:
         if run.has("expert_load_max_over_mean"):
             written.append(output_dir / f"expert_load_{file_safe(run.label)}.png")
             plot_expert_load(run, plt, written[-1])
+        if run.has("expert_load"):
+            written.append(output_dir / f"expert_load_per_expert_{file_safe(run.label)}.png")
+            plot_expert_load_per_expert(run, plt, written[-1])
     for run in runs:
         if run.is_grpo:
             written.append(output_dir / f"grpo_{file_safe(run.label)}.png")

@@ -527,6 +527,7 @@ RULE_CASES = [
     ({T: {"weight_decay": -0.1}}, "train.weight_decay"),
     ({T: {"grad_clip": -1}}, "train.grad_clip"),
     ({T: {"max_skipped_steps": -1}}, "train.max_skipped_steps"),
+    ({T: {"expert_load_every": -1}}, "train.expert_load_every must be null or not negative, got -1"),
     ({T: {"profile_steps": [0, 5]}}, "train.profile_steps must name steps between 1 and train.max_steps (200), got [0]"),
     ({T: {"global_batch_size": 8, "micro_batch_size": 3}},
      "train.global_batch_size (8) must be divisible by train.micro_batch_size (3)"),

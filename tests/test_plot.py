@@ -21,6 +21,8 @@ def lm_records(offset, with_mfu=False):
                   "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 2000.0 + step, "step_time_s": 1.0,
                   "skipped": False, "skip_reason": None,
                   "expert_load_max_over_mean": {"layers.1": 1.5 + 0.1 * step, "layers.2": 2.0 - 0.1 * step}}
+        if step % 2 == 0:   # per-expert loads every train.expert_load_every (2) steps; an expert may get none
+            record["expert_load"] = {"layers.1": [1.5, 0.5, 1.0, 1.0], "layers.2": [0.0, 2.0, 1.0, 1.0]}
         if with_mfu:
             record.update(tflops_per_device=0.5, mfu=0.01)
         records.append(record)
@@ -56,7 +58,8 @@ def test_plot_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "figures"
     assert main(["plot", str(tmp_path / "run_a"), str(tmp_path / "run_b"), str(tmp_path / "grpo"),
                  "--output", str(out)]) == 0
-    expected = {"loss.png", "throughput.png", "expert_load_run_a.png", "expert_load_run_b.png", "grpo_grpo.png"}
+    expected = {"loss.png", "throughput.png", "expert_load_run_a.png", "expert_load_run_b.png", "grpo_grpo.png",
+                "expert_load_per_expert_run_a.png", "expert_load_per_expert_run_b.png"}
     assert {p.name for p in out.iterdir()} == expected
     printed = capsys.readouterr().out.split()
     assert sorted(printed) == sorted(str(out / name) for name in expected)

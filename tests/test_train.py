@@ -48,10 +48,20 @@ def test_metrics_record_every_step(tmp_path, cache_dir):
             assert key in r and r[key] is not None, key
         assert r["skipped"] is False and r["skip_reason"] is None
         assert set(r["expert_load_max_over_mean"]) == {"layers.1", "mtp.0.block"}
+        # every log_every (= 1) steps, each expert's tokens over the mean (4 experts per layer)
+        for layer, load in r["expert_load"].items():
+            assert len(load) == 4 and sum(load) / 4 == pytest.approx(1, rel=1e-3)
+            assert max(load) == pytest.approx(r["expert_load_max_over_mean"][layer], rel=1e-3)
     assert records[0]["lr"] == pytest.approx(learning_rate(0, load_config(None, TINY).train))
     assert result.last_step == 4
     assert (tmp_path / "tensorboard").is_dir()
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_3", "step_4"]
+
+
+def test_per_expert_loads_are_logged_every_expert_load_every_steps(tmp_path, cache_dir):
+    train(tiny_config(tmp_path, cache_dir, "train.max_steps=4", "train.save_every=0", "train.expert_load_every=2"),
+          log=lambda *_: None)
+    assert [("expert_load" in r) for r in read_metrics(tmp_path)] == [False, True, False, True]
 
 
 def test_an_lr_that_overflows_the_update_skips_every_step(tmp_path, cache_dir):

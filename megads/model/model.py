@@ -235,20 +235,21 @@ class DeepSeekV3(nn.Module):
                 yield name, module
 
     @torch.no_grad()
-    def update_router_biases(self, speed: float, reduce_loads=None) -> dict[str, float]:
-        """Apply the aux-loss-free bias update to every MoE layer; returns max/mean load per layer.
+    def update_router_biases(self, speed: float, reduce_loads=None) -> dict[str, torch.Tensor]:
+        """Apply the aux-loss-free bias update to every MoE layer; returns the tokens routed to each
+        expert that the update used, per layer that routed any (the step's expert loads).
 
         `reduce_loads(tensor) -> tensor` sums loads over ranks when the step's tokens were split.
         """
-        imbalance = {}
+        used = {}
         for name, moe in self.named_moe_layers():
             loads = moe.tokens_per_expert.clone()
             if reduce_loads is not None:
                 loads = reduce_loads(loads)
             moe.update_bias(speed, loads)
             if loads.sum() > 0:
-                imbalance[name] = (loads.max() / loads.mean()).item()
-        return imbalance
+                used[name] = loads
+        return used
 
     # ------------------------------------------------------------------ initialisation
 

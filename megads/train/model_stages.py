@@ -354,16 +354,17 @@ class ModelStages:
         for model in self._container:
             yield from model.moe_layers()
 
-    def update_router_biases(self, speed: float, reduce_loads=None) -> dict[str, float]:
+    def update_router_biases(self, speed: float, reduce_loads=None) -> dict[str, list[float]]:
         """Each stage's MoE layers take their bias step (loads of DualPipe's copies already summed);
-        returns max/mean load per layer of the whole model (gathered over the pipeline group)."""
-        imbalance: dict[str, float] = {}
+        returns the tokens per expert of every MoE layer of the whole model (gathered over the
+        pipeline group), in the model's layer order."""
+        loads: dict[str, list[float]] = {}
         for model in self._container:
-            imbalance.update(model.update_router_biases(speed, reduce_loads))
+            loads.update({name: counts.tolist() for name, counts in model.update_router_biases(speed, reduce_loads).items()})
         if self.ctx.pp.size == 1:
-            return imbalance
-        merged: dict[str, float] = {}
-        for part in self.ctx.pp.all_gather_object(imbalance):
+            return loads
+        merged: dict[str, list[float]] = {}
+        for part in self.ctx.pp.all_gather_object(loads):
             merged.update(part)
         return dict(sorted(merged.items(), key=lambda kv: _layer_order(kv[0])))
 

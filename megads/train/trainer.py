@@ -291,10 +291,10 @@ def train_step(model: ModelStages, optimizer, cfg: Config, step: int,
     if skipped:
         for moe in model.moe_layers():
             moe.tokens_per_expert.zero_()
-        imbalance = {}
+        loads = {}
     else:
         with clock("router_bias"):
-            imbalance = model.update_router_biases(cfg.model.bias_update_speed, reduce_loads=ctx.stage.sum)
+            loads = model.update_router_biases(cfg.model.bias_update_speed, reduce_loads=ctx.stage.sum)
     elapsed = time.perf_counter() - started
 
     record = {"step": step + 1, "loss": sums.get("loss"), "mtp_loss": sums.get("mtp_loss"), "lr": lr,
@@ -306,9 +306,26 @@ def train_step(model: ModelStages, optimizer, cfg: Config, step: int,
     if fp8 is not None:
         record["fp8"] = {"enabled": 1, "clamped_tiles": fp8["clamped_tiles"], "nonfinite": fp8["nonfinite"],
                          "tiles": fp8["tiles"]}
-    if imbalance:
-        record["expert_load_max_over_mean"] = {name.replace(".mlp", ""): v for name, v in imbalance.items()}
+    if loads:
+        every = t.log_every if t.expert_load_every is None else t.expert_load_every
+        record.update(expert_load_fields(loads, per_expert=bool(every) and (step + 1) % every == 0))
     return record
+
+
+def expert_load_fields(loads: dict[str, list[float]], per_expert: bool) -> dict:
+    """`expert_load_max_over_mean` per MoE layer (tokens of the busiest expert over the mean: 1 is
+    perfect balance) and, when `per_expert`, `expert_load`: every expert's tokens over the mean,
+    to 4 significant digits (DeepSeek-V3 logs 58 layers x 256 experts)."""
+    fields: dict = {"expert_load_max_over_mean": {}}
+    if per_expert:
+        fields["expert_load"] = {}
+    for name, counts in loads.items():
+        layer = name.replace(".mlp", "")
+        mean = sum(counts) / len(counts)
+        fields["expert_load_max_over_mean"][layer] = max(counts) / mean
+        if per_expert:
+            fields["expert_load"][layer] = [float(f"{c / mean:.4g}") for c in counts]
+    return fields
 
 
 def _average_metrics(sums: dict[str, float], ctx: ParallelContext) -> dict[str, float]:
