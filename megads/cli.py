@@ -107,7 +107,7 @@ def _profile(args) -> int:
 
     rank_zero = int(os.environ.get("RANK", "0")) == 0     # torchrun's; the process group is gone by now
     results = profile_config(args.config, args.set, args.steps, args.warmup, args.vary,
-                             log=print if rank_zero else (lambda *_: None))
+                             log=print if rank_zero else (lambda *_: None), top=args.top)
     if rank_zero:
         print(format_table(results, f"megads profile {args.config}: {args.steps} steps after {args.warmup} "
                                     f"warm-up"))
@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", help="override config values")
     prof.add_argument("--steps", type=int, default=5, help="measured steps (default 5)")
     prof.add_argument("--warmup", type=int, default=2, help="steps run first and not measured (default 2)")
+    prof.add_argument("--top", type=int, default=10,
+                      help="profile one more step with torch.profiler and list its N operators with the most self "
+                           "time (0: skip; default 10)")
     prof.add_argument("--vary", metavar="SECTION.KEY=V1,V2,...",
                       help="profile once per value, one column each, e.g. train.recompute=none,selective,full")
     prof.add_argument("--json", metavar="FILE", help="also write the results as JSON")

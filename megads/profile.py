@@ -1,6 +1,6 @@
 """`megads profile CONFIG`: a few training steps of a config under its layout, and one table.
 
-    megads profile examples/configs/tiny.yaml [--set ...] [--steps 5] [--warmup 2]
+    megads profile examples/configs/tiny.yaml [--set ...] [--steps 5] [--warmup 2] [--top 10]
                    [--vary train.recompute=none,selective,full] [--json FILE]
     torchrun --nproc_per_node 4 -m megads.cli profile CONFIG --set parallel.tensor_parallel=2 ...
 
@@ -17,7 +17,9 @@ table is over the next `--steps`:
 * the pipeline bubble per pipeline rank (PP > 1);
 * communication per step per collective kind (calls, bytes, seconds; mean over ranks);
 * peak memory per rank over the measured steps (device memory on a GPU; the resident set on CPU,
-  which also holds the model, optimizer and data, so compare variants by difference).
+  which also holds the model, optimizer and data, so compare variants by difference);
+* with `--top N` (default 10), one more step under torch.profiler and its N operators with the most
+  self time on rank 0 (kernels on a GPU).
 
 `--vary KEY=V1,V2,...` profiles the config once per value (same process, fresh model each time)
 and prints one column per value, e.g. recompute modes or schedules side by side.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -34,10 +37,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.profiler import ProfilerActivity
 
 from megads.config import Config, ConfigError, apply_overrides, config_from_dict, read_config_file
 from megads.train.step_profile import PHASES
 from megads.train.telemetry import peak_memory_gb, reset_peak_memory
+
+
+_SCHEDULE_SPAN = re.compile(r"^(F|B|W|BW|FB) mb\d+ stage\d+$")   # PipelineExecutor's record_function names
 
 
 @dataclass
@@ -65,6 +72,7 @@ class ProfileResult:
     mfu: Optional[float]
     losses: list[float]
     ranks: list[RankProfile] = field(default_factory=list)
+    top_operators: list[dict] = field(default_factory=list)   # rank 0's, from one more step under torch.profiler
 
     def mean_time_s(self) -> dict[str, float]:
         """Phase seconds per step, mean over ranks."""
@@ -91,32 +99,52 @@ def variants(vary: Optional[str]) -> list[tuple[str, list[str]]]:
 
 
 def profile_config(config: Optional[str], overrides: list[str], steps: int, warmup: int,
-                   vary: Optional[str] = None, log: Callable[[str], None] = print) -> list[ProfileResult]:
-    """Profile CONFIG (with `overrides`) once per `--vary` value; returns the columns (on every rank)."""
-    if steps < 1 or warmup < 0:
-        raise ConfigError(f"--steps must be at least 1 and --warmup not negative, got {steps} and {warmup}.")
+                   vary: Optional[str] = None, log: Callable[[str], None] = print, top: int = 0
+                   ) -> list[ProfileResult]:
+    """Profile CONFIG (with `overrides`) once per `--vary` value; returns the columns (on every rank).
+    `top` > 0: one more step runs under torch.profiler and its `top` operators by self time are kept."""
+    if steps < 1 or warmup < 0 or top < 0:
+        raise ConfigError(f"--steps must be at least 1, --warmup and --top not negative, got {steps}, {warmup} and "
+                          f"{top}.")
     raw = {} if config is None else read_config_file(config)
     configs = []
     for label, extra in variants(vary):   # every variant is checked before the first one runs
         cfg = config_from_dict(apply_overrides(raw, list(overrides) + extra))
         configs.append((label, cfg))
     with tempfile.TemporaryDirectory(prefix="megads-profile-") as scratch:
-        return [_profile_one(label, cfg, Path(scratch) / str(index), steps, warmup, log)
+        return [_profile_one(label, cfg, Path(scratch) / str(index), steps, warmup, top, log)
                 for index, (label, cfg) in enumerate(configs)]
 
 
-def _profile_one(label: str, cfg: Config, scratch: Path, steps: int, warmup: int, log) -> ProfileResult:
+def _profile_one(label: str, cfg: Config, scratch: Path, steps: int, warmup: int, top: int, log) -> ProfileResult:
     from megads.train.trainer import run_job   # imported late: `--help` should not pay for torch
 
-    train = dataclasses.replace(cfg.train, max_steps=warmup + steps, output_dir=str(scratch), eval_every=0,
-                                save_every=0, profile_steps=[])
+    train = dataclasses.replace(cfg.train, max_steps=warmup + steps + (1 if top else 0), output_dir=str(scratch),
+                                eval_every=0, save_every=0, profile_steps=[])
     cfg = dataclasses.replace(cfg, train=train)
     if label:
         log(f"profiling {label}")
-    return run_job(cfg, "train", log, lambda ctx, rank_log: _measure(label, cfg, ctx, steps, warmup, rank_log))
+    return run_job(cfg, "train", log, lambda ctx, rank_log: _measure(label, cfg, ctx, steps, warmup, top, rank_log))
 
 
-def _measure(label: str, cfg: Config, ctx, steps: int, warmup: int, log) -> ProfileResult:
+def top_operators(prof, device: torch.device, count: int) -> list[dict]:
+    """The `count` operators (kernels on a GPU) with the most self time in a torch.profiler run: on a
+    GPU self device time, on CPU self CPU time. megads' own spans (phases, schedule ops) are left
+    out: they contain the operators."""
+    on_device = device.type != "cpu"
+    rows = []
+    for event in prof.key_averages():
+        if event.key.startswith("megads.") or _SCHEDULE_SPAN.match(event.key) or event.key.startswith("ProfilerStep"):
+            continue
+        self_us = event.self_device_time_total if on_device else event.self_cpu_time_total
+        if self_us > 0:
+            rows.append({"name": event.key, "calls": event.count, "self_ms": self_us / 1e3})
+    total = sum(r["self_ms"] for r in rows)
+    rows.sort(key=lambda r: -r["self_ms"])
+    return [{**r, "share": r["self_ms"] / total} for r in rows[:count]]
+
+
+def _measure(label: str, cfg: Config, ctx, steps: int, warmup: int, top: int, log) -> ProfileResult:
     from megads.train.data import build_training_data
     from megads.train.device_peak import device_peak
     from megads.train.trainer import build_training_model, layout_description, prepare_output, step_function
@@ -151,6 +179,12 @@ def _measure(label: str, cfg: Config, ctx, steps: int, warmup: int, log) -> Prof
         peak_memory_gb=peak_memory_gb(ctx.device),
         pipeline_bubble=mean(r["pipeline_bubble"] for r in records) if ctx.pp.size > 1 else None)
     ranks = Group.world().all_gather_object(mine)
+    operators = []
+    if top:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            take_step(warmup + steps)
+        operators = top_operators(prof, ctx.device, top)
     step_time = mean(r["step_time_s"] for r in records)
     tokens = cfg.train.global_batch_size * cfg.train.seq_length
     mfus = [r["mfu"] for r in records if r.get("mfu") is not None]
@@ -158,7 +192,8 @@ def _measure(label: str, cfg: Config, ctx, steps: int, warmup: int, log) -> Prof
     return ProfileResult(label=label, layout=layout, device=ctx.device.type, steps=steps,
                          tokens_per_s=tokens / step_time, step_time_s=step_time,
                          tflops_per_device=mean(r["tflops_per_device"] for r in records),
-                         mfu=mean(mfus) if mfus else None, losses=[r["loss"] for r in records], ranks=ranks)
+                         mfu=mean(mfus) if mfus else None, losses=[r["loss"] for r in records], ranks=ranks,
+                         top_operators=operators)
 
 
 def format_table(results: list[ProfileResult], title: str) -> str:
@@ -204,6 +239,13 @@ def format_table(results: list[ProfileResult], title: str) -> str:
     rows.append(f"peak memory (GB, {device}; per rank)")
     for index in range(len(results[0].ranks)):
         row(f"  rank {index}", [f"{r.ranks[index].peak_memory_gb:.3f}" for r in results])
+    for r in results:
+        if r.top_operators:
+            time_kind = "CPU" if r.device == "cpu" else "device"
+            rows += ["", f"top operators by self {time_kind} time, rank 0, one step{' of ' + r.label if r.label else ''}:",
+                     f"  {'operator':<60}{'calls':>8}{'ms':>10}{'share':>8}"]
+            rows += [f"  {op['name'][:59]:<60}{op['calls']:>8}{op['self_ms']:>10.1f}{100 * op['share']:>7.1f}%"
+                     for op in r.top_operators]
     return "\n".join(rows)
 
 

@@ -90,7 +90,7 @@ def test_pipeline_records_count_the_transfers_and_the_bubble(tmp_path, cache_dir
 
 def test_megads_profile_prints_one_table_with_a_column_per_value(tmp_path, cache_dir, capsys):
     overrides = [*TINY, f"data.cache_dir={cache_dir}", "train.save_every=0"]
-    status = cli_main(["profile", "--set", *overrides, "--steps", "2", "--warmup", "1",
+    status = cli_main(["profile", "--set", *overrides, "--steps", "2", "--warmup", "1", "--top", "3",
                        "--vary", "train.micro_batch_size=1,2", "--json", str(tmp_path / "profile.json")])
     assert status == 0
     out = capsys.readouterr().out
@@ -99,10 +99,15 @@ def test_megads_profile_prints_one_table_with_a_column_per_value(tmp_path, cache
     for row in ("tokens/s", "TFLOP/s per device", "MFU", "step time (ms)", "  forward", "  backward", "  optimizer",
                 "none (one rank)", "peak memory (GB, resident set; per rank)", "  rank 0"):
         assert row in table, row
+    assert "top operators by self CPU time, rank 0, one step of train.micro_batch_size=2:" in table
     columns = json.loads((tmp_path / "profile.json").read_text())
     assert [c["label"] for c in columns] == ["train.micro_batch_size=1", "train.micro_batch_size=2"]
     for column in columns:
         assert column["steps"] == 2 and len(column["losses"]) == 2 and column["ranks"][0]["peak_memory_gb"] > 0
+        operators = column["top_operators"]
+        assert len(operators) == 3 and "aten::mm" in [op["name"] for op in operators]   # matmul-bound
+        assert operators[0]["self_ms"] >= operators[1]["self_ms"] >= operators[2]["self_ms"] > 0
+        assert not any(op["name"].startswith("megads.") for op in operators)
     # micro-batches change how a step is cut, not what it computes: the same losses
     assert columns[0]["losses"] == pytest.approx(columns[1]["losses"], rel=1e-5)
     assert not (Path("runs") / "tiny" / "profile").exists()   # a scratch directory, not the config's output_dir
@@ -112,6 +117,7 @@ def test_megads_profile_prints_one_table_with_a_column_per_value(tmp_path, cache
     (["--vary", "train.recompute"], "--vary must look like SECTION.KEY=VALUE1,VALUE2"),
     (["--vary", "train.micro_batch_size=2,x"], "train.micro_batch_size must be an integer"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--top", "-1"], "--top not negative"),
 ])
 def test_megads_profile_bad_input_is_one_sentence(args, message, capsys):
     assert cli_main(["profile", "--set", *TINY, *args]) == 2
