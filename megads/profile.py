@@ -214,7 +214,7 @@ def format_table(results: list[ProfileResult], title: str) -> str:
     row("tokens/s", [f"{r.tokens_per_s:,.0f}" for r in results])
     row("TFLOP/s per device", [f"{r.tflops_per_device:.4g}" for r in results])
     row("MFU", ["-" if r.mfu is None else f"{100 * r.mfu:.1f}%" for r in results])
-    row("step time (ms)", [f"{1e3 * r.step_time_s:.1f}" for r in results])
+    row("step time (ms, rank 0)", [f"{1e3 * r.step_time_s:.1f}" for r in results])
     splits = [r.mean_time_s() for r in results]
     rows.append("time per step (ms, % of the step; mean over ranks)")
     for phase in PHASES:

@@ -96,7 +96,7 @@ def test_megads_profile_prints_one_table_with_a_column_per_value(tmp_path, cache
     out = capsys.readouterr().out
     table = out[out.index("megads profile"):]
     assert "train.micro_batch_size=1" in table and "train.micro_batch_size=2" in table
-    for row in ("tokens/s", "TFLOP/s per device", "MFU", "step time (ms)", "  forward", "  backward", "  optimizer",
+    for row in ("tokens/s", "TFLOP/s per device", "MFU", "step time (ms, rank 0)", "  forward", "  backward", "  optimizer",
                 "none (one rank)", "peak memory (GB, resident set; per rank)", "  rank 0"):
         assert row in table, row
     assert "top operators by self CPU time, rank 0, one step of train.micro_batch_size=2:" in table
