@@ -9,8 +9,8 @@ batches; the three give the same losses and gradients, so they stay identical.
 
 * step time: the median of --steps steps after --warmup, the modes interleaved round-robin (step i
   of every mode before step i + 1 of any, each step starting with another mode), so that they share
-  the machine's noise. "extra" is
-  against none's median of the same run.
+  the machine's noise; wall-clock, and the process's CPU time (all threads), which other processes
+  on a shared machine disturb less. "extra" is against none's median of the same run.
 * activation memory: `megads.train.activation_memory.measure_activation_memory` over one forward
   and backward of the step (a separate, slower pass): a dispatch mode counts every storage an op
   allocates in the forward, or in a recomputation in the backward, for as long as anything holds
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from megads.config import load_config  # noqa: E402
 from megads.train.activation_memory import measure_activation_memory  # noqa: E402
+from megads.train.data import autocast  # noqa: E402
 from megads.train.model_stages import ModelStages  # noqa: E402
 from megads.train.optimizer import build_optimizer  # noqa: E402
 from megads.train.trainer import train_step  # noqa: E402
@@ -75,32 +76,36 @@ def main() -> None:
     cfg = runs["none"][0]
     data = batches(cfg, args.warmup + args.steps + 1)
 
-    times = {mode: [] for mode in MODES}
+    times = {mode: [] for mode in MODES}        # (wall, CPU) seconds per step
     for step in range(args.warmup + args.steps):
         for i in range(len(MODES)):             # each step starts with another mode: no mode always runs first
             mode = MODES[(step + i) % len(MODES)]
             cfg, model, optimizer = runs[mode]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             train_step(model, optimizer, cfg, step, data[step])
             if step >= args.warmup:
-                times[mode].append(time.perf_counter() - start)
+                times[mode].append((time.perf_counter() - start, time.process_time() - start_cpu))
 
     memory = {}              # after the timing: the meter's pass leaves the allocator in another state
     for mode, (cfg, model, optimizer) in runs.items():
-        memory[mode] = measure_activation_memory(lambda: model.run(data[-1]))
+        with autocast(cfg, ctx.device):          # train.precision, as train_step runs it
+            memory[mode] = measure_activation_memory(lambda: model.run(data[-1]))
         optimizer.zero_grad(set_to_none=True)
 
     t = cfg.train
     print(f"# {Path(args.config).name}{' ' + ' '.join(args.set) if args.set else ''}: micro-batch "
           f"{t.micro_batch_size} x {t.seq_length}, {t.precision}, {args.threads} threads, median of {args.steps} "
           f"steps after {args.warmup}; load average {os.getloadavg()[0]:.2f}")
-    print("| recompute | step time (s) | extra vs none | activations kept (MiB) | saved vs none | peak (MiB) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    base_time, base_kept = statistics.median(times["none"]), memory["none"].kept
+    print("| recompute | step time (s) | extra vs none | CPU time (s) | extra vs none | activations kept (MiB) | "
+          "saved vs none | peak (MiB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    medians = {mode: [statistics.median(t[k] for t in times[mode]) for k in (0, 1)] for mode in MODES}
+    base_kept = memory["none"].kept
     for mode in MODES:
-        median, m = statistics.median(times[mode]), memory[mode]
-        print(f"| {mode} | {median:.3f} | {100 * (median / base_time - 1):+.1f}% | {m.kept / 2**20:.1f} | "
-              f"{100 * (1 - m.kept / base_kept):.1f}% | {m.peak / 2**20:.1f} |")
+        (wall, cpu), (base_wall, base_cpu), m = medians[mode], medians["none"], memory[mode]
+        print(f"| {mode} | {wall:.3f} | {100 * (wall / base_wall - 1):+.1f}% | {cpu:.3f} | "
+              f"{100 * (cpu / base_cpu - 1):+.1f}% | {m.kept / 2**20:.1f} | {100 * (1 - m.kept / base_kept):.1f}% | "
+              f"{m.peak / 2**20:.1f} |")
 
 
 if __name__ == "__main__":

@@ -181,7 +181,8 @@ class _Region:
         self.fn = fn
         self.args = [_hold(a) if isinstance(a, torch.Tensor) else a for a in args]
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-        self.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in dict.fromkeys((device, "cpu"))]
+        self.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+                         for d in dict.fromkeys((device, "cpu"))]
         self.autocast_cache = torch.is_autocast_cache_enabled()
         self.saved: list[tuple[torch.Size, torch.dtype]] = []
         self.memory: dict[int, torch.Tensor] = {}
@@ -268,9 +269,9 @@ def _hold(t: torch.Tensor):
 
 
 def _unhold(a):
-    if isinstance(a, _Kept):
-        return a.get().detach().requires_grad_(a.requires_grad)
-    if isinstance(a, _OutputRef):
+    """A held input as the rerun takes it: a fresh leaf that requires grad as the forward's did (so
+    that every op saves the same tensors)."""
+    if isinstance(a, (_Kept, _OutputRef)):
         return a.get().detach().requires_grad_(a.requires_grad)
     return a
 
