@@ -13,6 +13,7 @@ import torch
 from megads.fp8 import Fp8Config, convert_to_fp8
 from megads.model import recompute
 from megads.model.model import DeepSeekV3
+from megads.model.pass_state import RECORD, PassState
 from megads.train.activation_memory import measure_activation_memory
 from megads.train.model_stages import ModelStages
 from megads.train.trainer import parallel_context, train
@@ -95,6 +96,28 @@ def test_a_rerun_routes_as_the_forward_did():
             moe.gate.e_score_correction_bias.copy_(torch.linspace(-1, 1, moe.num_experts))
 
     assert_same_pass(one_pass(model, "full", ids, labels, between=move_biases), want)
+
+
+def test_routing_replay_under_full_recompute():
+    """GRPO's policy update replays the rollout's routing tapes: a block's rerun routes as its forward
+    did (the tape's choices) and leaves the tape's cursor where the forward left it."""
+    model = small_model()
+    ids, labels = batch(model)
+    recorder = PassState(routing=RECORD)
+    with torch.no_grad():
+        model.forward_stage(ids, recorder)
+    for moe in model.moe_layers():          # selection now differs from the recorded choices
+        moe.gate.e_score_correction_bias.copy_(torch.linspace(-1, 1, moe.num_experts))
+    grads = {}
+    for mode in ("none", "full"):
+        model.recompute_mode = mode
+        model.zero_grad(set_to_none=True)
+        state = recorder.replay()
+        model.stage_losses(model.forward_stage(ids, state), ids, labels).loss.backward()
+        assert [tape.cursor for tape in state.tapes.values()] == [ids.shape[1]]
+        grads[mode] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    for name, grad in grads["full"].items():
+        assert rel_err(grad, grads["none"][name]) <= RTOL, name
 
 
 def test_fp8_layers_recompute_alike():
