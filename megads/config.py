@@ -194,6 +194,11 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 disables clipping).")
     precision: Literal["fp32", "bf16"] = _f(
         "fp32", "Compute precision: fp32, or bf16 autocast (weights and optimizer stay FP32 masters).")
+    recompute: Literal["none", "selective", "full"] = _f(
+        "none", "Activation recomputation: none; selective (DeepSeek-V3's choice: every RMSNorm and MLA's "
+        "up-projections are recomputed in backward, their outputs not kept); full (each transformer block keeps "
+        "only its input and reruns its forward in backward). Same losses and gradients, less activation memory, "
+        "more time.")
     seed: int = _f(1234, "Seed for initialisation and data order.")
     output_dir: str = _f("runs/tiny", "Where metrics.jsonl, TensorBoard events and checkpoints go.")
     save_every: int = _f(100, "Checkpoint every N steps (0: only at the end).")

@@ -404,6 +404,7 @@ def test_unknown_keys_and_sections(raw, field):
     ({"data": {"tokenizer": "wordpiece"}}, "data.tokenizer"),
     ({"train": {"precision": "fp16"}}, "train.precision"),
     ({"train": {"precision": 32}}, "train.precision"),
+    ({"train": {"recompute": "partial"}}, "train.recompute must be one of 'none', 'selective', 'full'"),
     # rope_scaling must be a mapping or null
     ({"model": {"rope_scaling": ["yarn", 40]}}, "model.rope_scaling"),
     ({"model": {"rope_scaling": "yarn"}}, "model.rope_scaling"),

@@ -66,7 +66,7 @@ def test_forward_total_equals_the_matmuls_torch_counts(q_lora_rank):
     the CPU flash kernel is not counted at all). The projections, FFNs, router and heads (aten.mm)
     must equal the model's total without the attention core exactly (no token is dropped, so every
     token reaches exactly top-k experts). The core (aten.bmm) is counted by torch as the full S x S
-    square with the values zero-padded to the q.k head dim (megads.model.mla.causal_attention pads
+    square with the values zero-padded to the q.k head dim (megads.model.mla.pad_values pads
     them for fused kernels): the model's causal half of (q.k + v) scaled by 2 x (2 qk) / (qk + v)."""
     cfg = tiny_model(q_lora_rank=q_lora_rank)   # 4 blocks (1 dense), MoE 16 experts top-4, 1 MTP depth
     model = DeepSeekV3(cfg)

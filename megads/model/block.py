@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from megads.config import ModelConfig
+from megads.model import recompute
 from parallel.context import ParallelContext
 from megads.model.mla import MultiHeadLatentAttention
 from megads.model.mlp import SwiGLU
@@ -29,7 +30,16 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 state: PassState | None = None) -> torch.Tensor:
-        """`state` (generation, routing replay): this layer's KV cache and routing tape live there."""
+        """`state` (generation, routing replay): this layer's KV cache and routing tape live there.
+
+        Under full activation recomputation (megads.model.recompute) the block keeps only its input
+        and reruns this forward in backward (not a pass that fills a KV cache: it would fill it twice)."""
+        if state is not None and state.capacity is not None:
+            return self.compute(x, cos, sin, state)
+        return recompute.full(self.compute, x, cos, sin, state)
+
+    def compute(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                state: PassState | None = None) -> torch.Tensor:
         cache = tape = None
         if state is not None:
             cache = state.cache(self.layer_index)

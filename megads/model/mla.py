@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megads.config import ModelConfig
+from megads.model import recompute
 from megads.model.norm import RMSNorm
 from megads.model.pass_state import LatentCache
 from megads.model.rope import RotaryEmbedding, softmax_scale
@@ -99,7 +100,26 @@ class MultiHeadLatentAttention(nn.Module):
             # The shared rope key feeds only this rank's heads: its gradient is summed over TP ranks.
             k_rope = copy_to_tp_region(k_rope, self.tp)
         batch, seq, _ = kv_latent.shape  # the full sequence
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(q_latent)
+        k_rope = self.rope.rotate(k_rope.unsqueeze(2), cos, sin)  # one rope key shared by all heads
+        if cache is not None:
+            cache.append(kv_latent, k_rope.squeeze(2))
+        # Without q_lora_rank the query is a full projection of the hidden state, not an up-projection.
+        q_input = self.q_proj(x) if self.q_lora_rank is None else q_latent
+        # DeepSeek-V3 recomputes the up-projections in backward (selective recomputation): only the
+        # latents are kept, not the per-head queries, keys and values built from them.
+        q, k, v = recompute.selective(self.up_project, q_input, kv_latent, k_rope, cos, sin)
+        out = causal_attention(q, k, v, self.softmax_scale)[..., :self.v_head_dim]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim))
+
+    def up_project(self, q_input: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q = [W_UQ c_q; RoPE(W_QR c_q)], k = [W_UK c_kv; k_rope], v = W_UV c_kv as [B, heads, S, d]
+        for attention (`q_input` is c_q, or the projected query without q_lora_rank; `k_rope` rotated).
+
+        The values are zero-padded to the query/key dim (`pad_values`), so that what attention keeps
+        for its backward is built here, where a recomputation rebuilds it."""
+        batch, seq, _ = kv_latent.shape
+        q = q_input if self.q_lora_rank is None else self.q_b_proj(q_input)
         q = q.view(batch, seq, self.num_heads, self.qk_head_dim)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
@@ -107,15 +127,9 @@ class MultiHeadLatentAttention(nn.Module):
         kv = kv.view(batch, seq, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
-        q_rope = self.rope.rotate(q_rope, cos, sin)
-        k_rope = self.rope.rotate(k_rope.unsqueeze(2), cos, sin)  # one rope key shared by all heads
-        if cache is not None:
-            cache.append(kv_latent, k_rope.squeeze(2))
-
-        q = torch.cat((q_nope, q_rope), dim=-1)
+        q = torch.cat((q_nope, self.rope.rotate(q_rope, cos, sin)), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.num_heads, -1)), dim=-1)
-        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim))
+        return q.transpose(1, 2), k.transpose(1, 2), pad_values(v.transpose(1, 2), self.qk_head_dim)
 
     def _decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         """The new tokens x [B, S, hidden] attending to the cached ones and to each other (causally),
@@ -162,16 +176,17 @@ class MultiHeadLatentAttention(nn.Module):
         return (None, *parts) if self.q_lora_rank is None else tuple(parts)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + causal mask) v for [B, heads, S, dim] tensors.
+def pad_values(v: torch.Tensor, qk_dim: int) -> torch.Tensor:
+    """Values [..., v_head_dim] zero-padded to the query/key dim.
 
     MLA's value dim (v_head_dim) is usually smaller than its query/key dim (nope + rope); fused
     attention kernels need them equal, so values are zero-padded (the extra output columns are
-    zero and dropped). Without padding PyTorch falls back to the unfused path, which materialises
-    the [S, S] scores and skips no masked blocks.
+    zero: the caller drops them). Without padding PyTorch falls back to the unfused path, which
+    materialises the [S, S] scores and skips no masked blocks.
     """
-    v_dim, qk_dim = v.shape[-1], q.shape[-1]
-    if v_dim < qk_dim:
-        v = F.pad(v, (0, qk_dim - v_dim))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return out[..., :v_dim] if v_dim < qk_dim else out
+    return F.pad(v, (0, qk_dim - v.shape[-1])) if v.shape[-1] < qk_dim else v
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + causal mask) v for [B, heads, S, dim] tensors (v padded: `pad_values`)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from megads.config import ModelConfig
+from megads.model import recompute
 from megads.model.block import TransformerBlock
 from megads.model.moe import MoE, RoutedExperts
 from megads.model.mtp import MTPModule
@@ -118,6 +119,10 @@ class DeepSeekV3(nn.Module):
     """The model, or with `stage` one pipeline stage of it; `ctx` (None: one process) injects the
     parallel layout into the layers that communicate."""
 
+    # Activation recomputation in training passes (`train.recompute`): none, selective or full
+    # (megads.model.recompute).
+    recompute_mode = "none"
+
     def __init__(self, cfg: ModelConfig, ctx: Optional[ParallelContext] = None, stage: Optional[StageSpec] = None):
         super().__init__()
         self.cfg = cfg
@@ -156,8 +161,9 @@ class DeepSeekV3(nn.Module):
             raise NotImplementedError("a pass with a PassState (generation, routing replay) does not run "
                                       "under sequence parallelism.")
         cos, sin = self.positions(seq_length, x.device, state.start if state is not None else 0)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, state)
+        with recompute.policy(self.recompute_mode):
+            for layer in self.layers.values():
+                h = layer(h, cos, sin, state)
         return h
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -193,13 +199,14 @@ class DeepSeekV3(nn.Module):
         balance losses of the MoE layers this module holds. Every stage gets the micro-batch's
         input_ids (MTP embeds the next tokens)."""
         cos, sin = self.positions(input_ids.shape[1], h.device)
-        lm_loss = self.head_loss(self.norm(h), labels)
+        with recompute.policy(self.recompute_mode):
+            lm_loss = self.head_loss(self.norm(h), labels)
 
-        mtp_losses = []
-        for depth, module in enumerate(self.mtp, start=1):
-            mtp_ids, mtp_targets = mtp_inputs_and_targets(input_ids, labels, depth)
-            h = module(h, self.embed_tokens(mtp_ids), cos, sin)
-            mtp_losses.append(self.head_loss(module.shared_head.norm(h), mtp_targets))
+            mtp_losses = []
+            for depth, module in enumerate(self.mtp, start=1):
+                mtp_ids, mtp_targets = mtp_inputs_and_targets(input_ids, labels, depth)
+                h = module(h, self.embed_tokens(mtp_ids), cos, sin)
+                mtp_losses.append(self.head_loss(module.shared_head.norm(h), mtp_targets))
 
         balance_loss = self.balance_loss()
         loss = lm_loss

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megads.config import ModelConfig
+from megads.model import recompute
 from megads.model.mlp import SwiGLU
 from megads.model.pass_state import RoutingTape
 from parallel.context import ParallelContext
@@ -187,26 +188,36 @@ class MoE(nn.Module):
         rank's chunk of every sequence)."""
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
-        replayed = tape.replay(batch, seq).reshape(-1, self.top_k) if tape is not None and tape.replaying else None
+        # Activation recomputation reruns this forward in backward (megads.model.recompute): the rerun
+        # routes every token as the forward did, and leaves the tape, the loads and the loss alone.
+        rerun = recompute.recomputing()
+        if rerun:
+            replayed = recompute.remembered(self)
+        else:
+            replayed = tape.replay(batch, seq).reshape(-1, self.top_k) if tape is not None and tape.replaying else None
         topk_idx, gates, scores = self.gate(flat, replayed)
+        recompute.remember(self, topk_idx)
         if tape is not None and replayed is None:
             tape.record(topk_idx.view(batch, seq, -1).detach())
         sorted_tokens, sorted_gates, local_tokens_per_expert, state = self.dispatcher.dispatch(flat, topk_idx, gates)
         expert_out = self.experts(sorted_tokens, sorted_gates, local_tokens_per_expert)
         out = self.dispatcher.combine(expert_out, state).to(x.dtype)
 
-        self.balance_loss = None
+        balance_loss = None
         if self.training:
-            self.tokens_per_expert += torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).to(
-                self.tokens_per_expert.dtype)
+            if not rerun:
+                self.tokens_per_expert += torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).to(
+                    self.tokens_per_expert.dtype)
             if self.aux_loss_alpha > 0:
                 # Each TP rank holds 1/t of the loss: without SP its 1/t of the sequences (its share of
                 # the batch mean is scaled by 1/t); under SP every rank computes the whole loss from
                 # whole-sequence statistics and keeps 1/t of it, so that the sum over TP ranks (the
                 # trainer's report, and the gradient through all_reduce_sum_of_shares) counts it once.
-                self.balance_loss = self.sequence_balance_loss(
+                balance_loss = self.sequence_balance_loss(
                     scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1),
                     self.tp if self.sequence_parallel else None) / self.tp.size
+        if not rerun:        # a rerun computes the loss again only for what its backward saves
+            self.balance_loss = balance_loss
         return out.view(batch, seq, hidden)
 
     def sequence_balance_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor,

@@ -137,6 +137,7 @@ class ModelStages:
         for stage in self.stage_ids:
             if stage not in built:
                 built[stage] = build_model(cfg.model, seed=seed, device=ctx.device, ctx=ctx, stage=self.specs[stage])
+                built[stage].recompute_mode = cfg.train.recompute
         last = self.schedule.num_stages - 1
         # DualPipe(V): the first and the last stage are on this rank: MTP uses the first one's embedding.
         self.embedding_shared = 0 in built and last in built and hasattr(built[last], "embed_tokens") and last != 0

@@ -49,7 +49,9 @@ What the two halves share, and why that is safe (the executor runs one op at a t
   (under the GIL), and no key is used by both;
 * module state written in the forward only: MoE's ``balance_loss`` and its ``tokens_per_expert``
   counts, `PipelineStages`' metric sums, the executor's losses; the backward half neither reads
-  nor writes them (a backward never reruns a forward: there is no activation recomputation);
+  nor writes them (a backward that reruns a forward, under activation recomputation, leaves that
+  state alone: the model's recomputation skips its bookkeeping in a rerun, and keeps what a rerun
+  needs, e.g. the experts chosen, with the rerun's own region, not in module attributes);
 * autograd: the backward's split (``_split_input_backward``) hooks nodes of the backward
   micro-batch's graph, which the forward never touches (it builds new nodes); the only shared
   nodes are the parameters' ``AccumulateGrad``, which the engine locks, and a full backward

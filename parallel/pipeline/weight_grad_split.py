@@ -26,6 +26,9 @@ pass done per cut edge so nothing is computed twice):
   weight-bearing node in W). A custom ``autograd.Function`` computes whatever its backward
   computes: one that always returns its weight gradient (e.g. a hand-written FP8 linear that
   ignores ``ctx.needs_input_grad``) does that work in B too, and again in W.
+* Activation recomputation: a recomputed region's tensors are rebuilt when B unpacks them and
+  handed out once; W's engine calls unpack them again and rebuild them (one rerun per region in
+  W, in the intermediates' creation order: the same on every rank when the rerun communicates).
 * Memory between B and W: B drops the output edge, the stage input and the received output
   gradient, so the part of the graph between the output and the last intermediate (e.g. the
   final activation function's saved tensors) is freed after B. What stays until W: every node
@@ -140,7 +143,10 @@ def _split_input_backward(root, grad: Optional[torch.Tensor], x: torch.Tensor
                 closure.add(user)
                 queue.append(user)
     cut: Dict[Any, List[int]] = {}            # intermediate -> positions of its weight-side edges
-    for node in closure:
+    # In creation order, not the set's (addresses differ between ranks): W runs the intermediates in
+    # this order, and a W that reruns forward code (activation recomputation) issues its collectives
+    # in it, which must be the same on every rank of a group.
+    for node in sorted(closure, key=lambda n: n._sequence_nr()):
         positions = [i for i, (nxt, _) in enumerate(node.next_functions) if nxt is not None and nxt not in closure]
         if positions:
             cut[node] = positions
