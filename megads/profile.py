@@ -18,6 +18,9 @@ table is over the next `--steps`:
 * communication per step per collective kind (calls, bytes, seconds; mean over ranks);
 * peak memory per rank over the measured steps (device memory on a GPU; the resident set on CPU,
   which also holds the model, optimizer and data, so compare variants by difference);
+* activation memory per rank: the bytes one more forward/backward keeps for its backward, and its
+  peak, counted allocation by allocation (megads.train.activation_memory; exact on any device), which
+  is what train.recompute trades for time;
 * with `--top N` (default 10), one more step under torch.profiler and its N operators with the most
   self time on rank 0 (kernels on a GPU).
 
@@ -55,6 +58,8 @@ class RankProfile:
     time_s: dict[str, float]
     comm: dict[str, dict[str, float]]
     peak_memory_gb: float
+    activations_kept_mb: float = 0.0     # one more step's forward/backward, measured (megads.train.activation_memory)
+    activations_peak_mb: float = 0.0
     pipeline_bubble: Optional[float] = None
 
 
@@ -171,8 +176,9 @@ def _measure(label: str, cfg: Config, ctx, steps: int, warmup: int, top: int, lo
 
     phases = {p for r in records for p in r["time_s"]}
     kinds = {k for r in records for k in r["comm"]}
+    activations = _activation_memory(cfg, ctx, model, optimizer, data, warmup + steps)
     mine = RankProfile(
-        rank=ctx.rank,
+        rank=ctx.rank, activations_kept_mb=activations.kept / 1e6, activations_peak_mb=activations.peak / 1e6,
         time_s={p: mean(r["time_s"].get(p, 0.0) for r in records) for p in PHASES if p in phases},
         comm={k: {f: mean(r["comm"].get(k, {}).get(f, 0.0) for r in records) for f in ("calls", "bytes", "seconds")}
               for k in sorted(kinds)},
@@ -194,6 +200,24 @@ def _measure(label: str, cfg: Config, ctx, steps: int, warmup: int, top: int, lo
                          tflops_per_device=mean(r["tflops_per_device"] for r in records),
                          mfu=mean(mfus) if mfus else None, losses=[r["loss"] for r in records], ranks=ranks,
                          top_operators=operators)
+
+
+def _activation_memory(cfg: Config, ctx, model, optimizer, data, step: int):
+    """The activation bytes one more forward/backward of the step's micro-batches keeps for its
+    backward and at its peak (this rank), measured by following every allocation
+    (megads.train.activation_memory: exact, and slow, so apart from the timed steps). Nothing of
+    it reaches the model: its gradients and expert-load counts are dropped."""
+    from megads.train.activation_memory import measure_activation_memory
+    from megads.train.data import autocast
+
+    batches = data.micro_batches(step, ctx.dp.rank, ctx.dp.size, cfg.train.micro_batch_size)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(cfg, ctx.device):
+        memory = measure_activation_memory(lambda: model.run(batches))
+    optimizer.zero_grad(set_to_none=True)
+    for moe in model.moe_layers():
+        moe.tokens_per_expert.zero_()
+    return memory
 
 
 def format_table(results: list[ProfileResult], title: str) -> str:
@@ -239,6 +263,10 @@ def format_table(results: list[ProfileResult], title: str) -> str:
     rows.append(f"peak memory (GB, {device}; per rank)")
     for index in range(len(results[0].ranks)):
         row(f"  rank {index}", [f"{r.ranks[index].peak_memory_gb:.3f}" for r in results])
+    rows.append("activation memory (MB per rank: kept for the backward / peak of the pass)")
+    for index in range(len(results[0].ranks)):
+        row(f"  rank {index}", [f"{r.ranks[index].activations_kept_mb:.1f} / {r.ranks[index].activations_peak_mb:.1f}"
+                                for r in results])
     for r in results:
         if r.top_operators:
             time_kind = "CPU" if r.device == "cpu" else "device"

@@ -113,6 +113,18 @@ def test_megads_profile_prints_one_table_with_a_column_per_value(tmp_path, cache
     assert not (Path("runs") / "tiny" / "profile").exists()   # a scratch directory, not the config's output_dir
 
 
+def test_megads_profile_measures_what_recomputation_saves(cache_dir):
+    overrides = [*TINY, f"data.cache_dir={cache_dir}"]
+    none, selective, full = profile_config(None, overrides, steps=1, warmup=0, vary="train.recompute=none,selective,full",
+                                           log=QUIET)
+    kept = [c.ranks[0].activations_kept_mb for c in (none, selective, full)]
+    assert kept[0] > kept[1] > kept[2] > 0          # counted allocation by allocation: exact, not RSS
+    assert all(c.ranks[0].activations_peak_mb >= c.ranks[0].activations_kept_mb for c in (none, selective, full))
+    assert none.losses == pytest.approx(selective.losses, rel=1e-6) == full.losses
+    assert "activation memory (MB per rank: kept for the backward / peak of the pass)" in format_table(
+        [none, selective, full], "title")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--vary", "train.recompute"], "--vary must look like SECTION.KEY=VALUE1,VALUE2"),
     (["--vary", "train.micro_batch_size=2,x"], "train.micro_batch_size must be an integer"),
