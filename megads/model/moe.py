@@ -158,9 +158,36 @@ def grouped_swiglu(tokens: torch.Tensor, gates: torch.Tensor, tokens_per_expert:
     weight scales the expert's hidden activation, the narrower I-dim tensor. `linear` is the
     expert-grouped GEMM (FP8 layers pass their own).
     """
-    gate, up = linear(tokens, gate_up, tokens_per_expert).chunk(2, dim=-1)
-    hidden = F.silu(gate) * up * gates.unsqueeze(-1).to(up.dtype)
+    projected = linear(tokens, gate_up, tokens_per_expert)
+    hidden = _GatedSwiGLU.apply(projected, gates.to(projected.dtype))
     return linear(hidden, down, tokens_per_expert)
+
+
+class _GatedSwiGLU(torch.autograd.Function):
+    """[a; b] [N, 2I], g [N] -> silu(a) * b * g: autograd's own operations in its order (the same
+    numbers), but the gradients of a and b are written into one [N, 2I] tensor, not concatenated."""
+
+    @staticmethod
+    def forward(ctx, projected, gates):
+        gate, up = projected.chunk(2, dim=-1)
+        activated = F.silu(gate)
+        product = activated * up
+        ctx.save_for_backward(projected, gates, activated, product)
+        return product * gates.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        projected, gates, activated, product = ctx.saved_tensors
+        gate, up = projected.chunk(2, dim=-1)
+        grad_gates = (grad * product).sum(dim=-1) if ctx.needs_input_grad[1] else None
+        grad_projected = None
+        if ctx.needs_input_grad[0]:
+            grad_product = grad * gates.unsqueeze(-1)
+            grad_projected = torch.empty_like(projected)
+            grad_gate, grad_up = grad_projected.chunk(2, dim=-1)
+            torch.mul(grad_product, activated, out=grad_up)
+            torch.ops.aten.silu_backward.grad_input(grad_product * up, gate, grad_input=grad_gate)
+        return grad_projected, grad_gates
 
 
 class RoutedExperts(nn.Module):
