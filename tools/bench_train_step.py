@@ -6,9 +6,10 @@ transformers' DeepseekV3ForCausalLM on the same config and the same weights, in 
 
 Rows: transformers, megads, and megads with one MTP module (transformers does not train MTP, so the
 comparison rows have it off), per precision (bf16 autocast is opt-in: ~15x slower than fp32 on CPUs
-without AVX512-BF16/AMX). The rows are measured interleaved: --rounds rounds, each running --steps
-steps of every row in turn (after --warmup steps per row), so a change of load on a shared machine
-hits all rows alike; a row's step time is the median of its --rounds x --steps steps.
+without AVX512-BF16/AMX). A precision's rows are measured interleaved: --rounds rounds, each running
+--steps steps of every row in turn (after --warmup steps per row), so a change of load on a shared
+machine hits all rows alike; a row's step time is the median of its --rounds x --steps steps. The
+precisions run one after the other, fp32 first.
 
 Per row: tokens/s, TFLOP/s from the project's FLOP model (megads.train.flops, the count the
 trainer's MFU uses: matmuls only, backward = 2 x forward, causal attention halved), MFU against
@@ -104,21 +105,18 @@ class Row:
         return statistics.median(self.times)
 
 
-def build_rows(precisions: list[str], with_transformers: bool, inputs, labels) -> list[Row]:
+def build_rows(precision: str, with_transformers: bool, inputs, labels) -> list[Row]:
     cfg = ModelConfig(**BENCH_MODEL)
     mtp_cfg = ModelConfig(**{**BENCH_MODEL, "num_nextn_predict_layers": 1})
+    megads = build_model(cfg, seed=0)
     rows = []
-    for precision in precisions:
-        megads = build_model(cfg, seed=0)
-        if with_transformers:
-            hf = transformers_model(cfg, megads.state_dict())
-            rows.append(Row("transformers", precision, hf,
-                            lambda hf=hf: hf(input_ids=inputs, labels=inputs).loss, cfg))
-        rows.append(Row("megads", precision, megads,
-                        lambda m=megads: m.compute_loss(inputs, labels).loss, cfg))
-        megads_mtp = build_model(mtp_cfg, seed=0)
-        rows.append(Row("megads +MTP", precision, megads_mtp,
-                        lambda m=megads_mtp: m.compute_loss(inputs, labels).loss, mtp_cfg))
+    if with_transformers:
+        hf = transformers_model(cfg, megads.state_dict())
+        rows.append(Row("transformers", precision, hf, lambda: hf(input_ids=inputs, labels=inputs).loss, cfg))
+    rows.append(Row("megads", precision, megads, lambda: megads.compute_loss(inputs, labels).loss, cfg))
+    megads_mtp = build_model(mtp_cfg, seed=0)
+    rows.append(Row("megads +MTP", precision, megads_mtp, lambda: megads_mtp.compute_loss(inputs, labels).loss,
+                    mtp_cfg))
     return rows
 
 
@@ -199,8 +197,8 @@ def profile_breakdown(events, wall_s: float) -> list[tuple[str, float]]:
 
     forward_scope = {}
     for event in events:
-        if event.sequence_nr >= 0 and not event.name.startswith("autograd::") and event.sequence_nr not in forward_scope:
-            forward_scope[event.sequence_nr] = scope_of(event)
+        if event.sequence_nr >= 0 and not event.name.startswith("autograd::"):
+            forward_scope.setdefault(event.sequence_nr, scope_of(event))
     totals: dict[str, float] = {}
     for event in events:
         if not event.name.startswith("aten::"):
@@ -253,17 +251,21 @@ def main() -> None:
     torch.manual_seed(0)
     tokens = torch.randint(0, BENCH_MODEL["vocab_size"], (BATCH, SEQ + 1))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]   # transformers shifts its labels (= inputs) itself
-    rows = build_rows(args.precisions.split(","), not args.skip_transformers, inputs, labels)
-    for row in rows:
-        row.run(args.warmup, record=False)
-    peak = 0.0
-    for round_index in range(args.rounds):
-        peak = max(peak, measure_cpu_gemm_flops())
-        for row in rows:
-            row.run(args.steps)
-        print(f"  round {round_index + 1}/{args.rounds}: "
-              + ", ".join(f"{r.name} {r.precision} {BATCH * SEQ / statistics.median(r.times[-args.steps:]):,.0f}"
-                          for r in rows) + " tokens/s", flush=True)
+    rows, peak = [], 0.0
+    # One precision after the other, its rows interleaved: once bf16 autocast has run in the process,
+    # transformers' fp32 step is ~40% slower (seen with torch 2.13), which would skew the fp32 rows.
+    for precision in sorted(set(args.precisions.split(",")), key=lambda p: p != "fp32"):
+        group = build_rows(precision, not args.skip_transformers, inputs, labels)
+        for row in group:
+            row.run(args.warmup, record=False)
+        for round_index in range(args.rounds):
+            peak = max(peak, measure_cpu_gemm_flops())
+            for row in group:
+                row.run(args.steps)
+            print(f"  {precision} round {round_index + 1}/{args.rounds}: "
+                  + ", ".join(f"{r.name} {BATCH * SEQ / statistics.median(r.times[-args.steps:]):,.0f}"
+                              for r in group) + " tokens/s", flush=True)
+        rows += group
 
     cfg = ModelConfig(**BENCH_MODEL)
     print(f"\nconfig: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers ({cfg.first_k_dense_replace} dense), "

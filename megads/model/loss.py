@@ -14,7 +14,6 @@ the gradient GEMMs write their outputs directly (no product tensors to add or co
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from parallel.tensor import vocab_parallel_cross_entropy
 
