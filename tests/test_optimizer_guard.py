@@ -8,7 +8,7 @@ the step on every rank, changing nothing, when any rank's answer is no.
 - adamw_step_stays_finite against what adamw_step then really does, case by case, and that it
   changes nothing;
 - single process: lr = inf, lr = 1e38 and a huge weight decay skip the step bit for bit; a normal
-  step is bit-identical to torch.optim.AdamW's single-tensor update, and healthy training never
+  step is bit-identical to torch.optim.AdamW's fused update, and healthy training never
   needs the exact pass;
 - multi-rank (gloo): a weight near the FP32 maximum in one rank's shard only (a dense shard under
   dp2, an expert-data-parallel shard under dp4-ep2) skips the step on every rank, and the run
@@ -166,13 +166,13 @@ def test_a_nonfinite_update_is_skipped_and_changes_nothing(lr, weight_decay):
 
 
 def test_a_normal_step_is_torch_adamw_bit_for_bit():
-    """Not skipped, and exactly torch.optim.AdamW's single-tensor update (the maths did not move)."""
+    """Not skipped, and exactly torch.optim.AdamW(fused=True)'s update (the maths did not move)."""
     model, opt = _single()
     ref_model = full_model()
     decay = [p for p in ref_model.parameters() if p.dim() >= 2]
     no_decay = [p for p in ref_model.parameters() if p.dim() < 2]
     ref = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-2, betas=BETAS, eps=EPS, foreach=False)
+                            lr=1e-2, betas=BETAS, eps=EPS, fused=True)
     for step in range(3):
         _set_grads(model, opt, step)
         result = opt.step()

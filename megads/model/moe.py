@@ -94,14 +94,61 @@ class Router(nn.Module):
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
     """x [N, K] sorted by expert, weight [E, out, K] -> [N, out]: each expert's rows times its weight^T.
 
-    One GEMM per expert that has tokens, never a loop over tokens. The stacked weight is unbound
-    once, so backward writes each expert's gradient slice instead of one zero-filled full-size
-    tensor per expert.
+    One GEMM per expert that has tokens (forward, and two per expert backward), never a loop over
+    tokens; each writes its rows of the output (its slice of the weight gradient) in place, so no
+    per-expert outputs are concatenated, nor per-expert weight gradients stacked. Under autocast the
+    GEMMs run in the autocast dtype, as F.linear's would. No tokens at all: a constant of zeros (no
+    GEMM, no gradient).
     """
-    weights = weight.unbind(0)
-    outputs = [F.linear(chunk, weights[expert]) for expert, chunk in enumerate(x.split(tokens_per_expert))
-               if chunk.shape[0]]
-    return torch.cat(outputs) if outputs else x.new_zeros(x.shape[0], weight.shape[1])
+    if sum(tokens_per_expert) == 0:
+        return x.new_zeros(x.shape[0], weight.shape[1])
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return _GroupedLinear.apply(x, weight, tuple(tokens_per_expert))
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """grouped_linear's GEMMs, each writing its own rows (forward, input gradient) or its expert's
+    weight-gradient slice (the slices of experts without tokens are zero)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, tokens_per_expert):
+        ctx.save_for_backward(x, weight)
+        ctx.tokens_per_expert = tokens_per_expert
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        for expert, rows in _expert_rows(tokens_per_expert):
+            torch.mm(x[rows], weight[expert].t(), out=out[rows])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = weight.new_empty(weight.shape)
+            for expert, count in enumerate(ctx.tokens_per_expert):
+                if count == 0:
+                    grad_weight[expert].zero_()
+        for expert, rows in _expert_rows(ctx.tokens_per_expert):
+            if grad_x is not None:
+                torch.mm(grad[rows], weight[expert], out=grad_x[rows])
+            if grad_weight is not None:
+                torch.mm(grad[rows].t(), x[rows], out=grad_weight[expert])
+        return grad_x, grad_weight, None
+
+
+def _expert_rows(tokens_per_expert):
+    """(expert, its slice of rows) for every expert that has tokens, rows sorted by expert."""
+    start = 0
+    for expert, count in enumerate(tokens_per_expert):
+        if count:
+            yield expert, slice(start, start + count)
+        start += count
 
 
 def grouped_swiglu(tokens: torch.Tensor, gates: torch.Tensor, tokens_per_expert: list[int],
@@ -112,9 +159,36 @@ def grouped_swiglu(tokens: torch.Tensor, gates: torch.Tensor, tokens_per_expert:
     weight scales the expert's hidden activation, the narrower I-dim tensor. `linear` is the
     expert-grouped GEMM (FP8 layers pass their own).
     """
-    gate, up = linear(tokens, gate_up, tokens_per_expert).chunk(2, dim=-1)
-    hidden = F.silu(gate) * up * gates.unsqueeze(-1).to(up.dtype)
+    projected = linear(tokens, gate_up, tokens_per_expert)
+    hidden = _GatedSwiGLU.apply(projected, gates.to(projected.dtype))
     return linear(hidden, down, tokens_per_expert)
+
+
+class _GatedSwiGLU(torch.autograd.Function):
+    """[a; b] [N, 2I], g [N] -> silu(a) * b * g: autograd's own operations in its order (the same
+    numbers), but the gradients of a and b are written into one [N, 2I] tensor, not concatenated."""
+
+    @staticmethod
+    def forward(ctx, projected, gates):
+        gate, up = projected.chunk(2, dim=-1)
+        activated = F.silu(gate)
+        product = activated * up
+        ctx.save_for_backward(projected, gates, activated, product)
+        return product * gates.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        projected, gates, activated, product = ctx.saved_tensors
+        gate, up = projected.chunk(2, dim=-1)
+        grad_gates = (grad * product).sum(dim=-1) if ctx.needs_input_grad[1] else None
+        grad_projected = None
+        if ctx.needs_input_grad[0]:
+            grad_product = grad * gates.unsqueeze(-1)
+            grad_projected = torch.empty_like(projected)
+            grad_gate, grad_up = grad_projected.chunk(2, dim=-1)
+            torch.mul(grad_product, activated, out=grad_up)
+            torch.ops.aten.silu_backward.grad_input(grad_product * up, gate, grad_input=grad_gate)
+        return grad_projected, grad_gates
 
 
 class RoutedExperts(nn.Module):
