@@ -10,7 +10,7 @@ convert_to_fp8 when Fp8Config.dispatch is set. Checked here:
   a hidden size that is not a multiple of 128 (a ragged last tile), also with a rank that has no
   token (it encodes and sends zero rows);
 - the bytes: the forward token exchange moves (H + ceil(H/128)) / (4H) of its FP32 bytes (exactly,
-  from tools.harness.comm_stats), the gates, the combine and the whole backward are unchanged;
+  from parallel.comm_meter), the gates, the combine and the whole backward are unchanged;
 - the straight-through gradient: encode/decode is the identity for autograd;
 - the whole model (convert_to_fp8 with dispatch) at EP = 2 against EP = 1: loss and reduced
   gradients agree to 1e-5 (seen: about 1e-7), because EP = 1 quantizes the same tokens, except the
@@ -44,7 +44,7 @@ from megads.train.trainer import parallel_context
 from parallel.context import ParallelContext
 from parallel.group import Group
 from test_fp8_model import calc_diff, pin_routing, record_routing
-from tools.harness.comm_stats import count_collectives
+from parallel.comm_meter import count_collectives
 from tools.harness.distributed import run_distributed
 from tiny_model import tiny_config
 

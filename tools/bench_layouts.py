@@ -15,7 +15,7 @@ Per layout it prints: ranks, global tokens/s (global batch tokens / step time), 
 step the slowest rank, averaged over the measured steps), the ratio of tokens/s to the 1-rank row
 of the same run, peak resident memory per rank (VmHWM after resetting it at process start, minus
 the RSS then: what the layout itself allocated; the largest rank), and per collective kind the
-bytes per step one rank moves (mean over ranks), counted by tools.harness.comm_stats.count_collectives
+bytes per step one rank moves (mean over ranks), counted by parallel.comm_meter.count_collectives
 through the context's groups (bytes = the collective's payload as defined there: all-reduce the
 tensor, all-gather the output, reduce-scatter the input, all-to-all the input), then the same per
 group (tp, dp, ep, edp, stage, ...).
@@ -48,7 +48,7 @@ from megads.config import config_from_dict, validate  # noqa: E402
 from megads.train.model_stages import ModelStages  # noqa: E402
 from megads.train.optimizer import build_optimizer  # noqa: E402
 from megads.train.trainer import parallel_context, train_step  # noqa: E402
-from tools.harness.comm_stats import CollectiveStats, count_collectives  # noqa: E402
+from parallel.comm_meter import CollectiveStats, count_collectives  # noqa: E402
 from tools.harness.distributed import run_distributed  # noqa: E402
 
 DEFAULT_LAYOUTS = "1,tp2,dp2,dp2ep2,tp2ep2,tp2dp2ep4"

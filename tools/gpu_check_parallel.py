@@ -15,7 +15,7 @@ A. NCCL, world size 1 (one process): every collective helper of parallel/tensor/
    NCCL, backward ones on autograd's device thread; a Group issues no all-reduce at size 1, so
    all-reduce is also called on the NCCL group itself), the
    vocab-parallel cross-entropy against F.cross_entropy on CPU, the all-to-all token dispatcher
-   against the local one, tools.harness.comm_stats counting under NCCL, the model's forward/backward
+   against the local one, parallel.comm_meter counting under NCCL, the model's forward/backward
    on CUDA against the same model on CPU, and 3 train_steps (megads.train.model_stages.ModelStages,
    ZeRO-1 AdamW, router-bias update) on CUDA under megads.train.trainer.parallel_context's NCCL
    ParallelContext against CPU.
@@ -153,7 +153,7 @@ def _collective_checks(results: list, device: torch.device) -> None:
     import parallel.expert as pexpert
     import parallel.tensor.mappings as ptensor
     from parallel.group import Group
-    from tools.harness.comm_stats import count_collectives
+    from parallel.comm_meter import count_collectives
 
     group = Group(dist.group.WORLD, "world")  # counted through its observer
     gen = torch.Generator().manual_seed(0)
@@ -178,7 +178,7 @@ def _collective_checks(results: list, device: torch.device) -> None:
         # counted: the collectives issued through the Group (it issues no all-reduce at size 1)
         expected = {"all_gather": 1, "reduce_scatter": 1, "all_to_all": 1}
         counted = {k: v.calls for k, v in stats.by_kind().items()}
-        check(results, f"A comm_stats counts under NCCL {tag} ({counted})", 0.0 if counted == expected else 1.0, 0.0)
+        check(results, f"A comm_meter counts under NCCL {tag} ({counted})", 0.0 if counted == expected else 1.0, 0.0)
     counts = torch.tensor([3, 0, 5], device=device)
     out = torch.empty_like(counts)
     dist.all_to_all_single(out, counts, group=group.pg)  # what the dispatcher does with int64 counts
@@ -189,7 +189,7 @@ def _mapping_checks(results: list, device: torch.device) -> None:
     """The autograd Functions of parallel/tensor/mappings.py over the NCCL group, forward and backward."""
     import parallel.tensor.mappings as ptensor
     from parallel.group import Group
-    from tools.harness.comm_stats import count_collectives
+    from parallel.comm_meter import count_collectives
 
     group = Group(dist.group.WORLD, "world")  # counted through its observer
     gen = torch.Generator().manual_seed(1)
@@ -214,7 +214,7 @@ def _mapping_checks(results: list, device: torch.device) -> None:
     x = x_cpu.to(device, copy=True).requires_grad_(True)
     with count_collectives(group) as stats:
         (ptensor._GatherFromSequenceParallelRegion.apply(x, group, True) * 2).sum().backward()
-    check(results, "A comm_stats counts a backward collective",
+    check(results, "A comm_meter counts a backward collective",
           0.0 if stats.calls("reduce_scatter") == 1 else 1.0, 0.0)
 
 

@@ -1,4 +1,4 @@
-"""tools.harness.comm_stats.count_collectives: exact calls and bytes, through the Groups' observers, on 2 gloo ranks.
+"""parallel.comm_meter.count_collectives: exact calls and bytes, through the Groups' observers, on 2 gloo ranks.
 
 - Every Group collective (all_reduce, sum, all_gather_into, reduce_scatter_into sync and async,
   all_to_all with uneven splits, broadcast, gather, all_gather_object, barrier, exchange) on known
@@ -26,7 +26,7 @@ from parallel.zero1_buckets import DEFAULT_BUCKET_SIZE, plan_buckets
 from test_layouts import MODEL
 from test_layouts import TRAIN as LAYOUT_TRAIN
 from tiny_model import tiny_config
-from tools.harness.comm_stats import KINDS, count_collectives
+from parallel.comm_meter import KINDS, count_collectives
 from tools.harness.distributed import run_distributed
 
 F32, F64, I64 = 4, 8, 8  # bytes per element
