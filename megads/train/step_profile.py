@@ -8,7 +8,8 @@ Every record of `megads train` / `sft` carries, for rank 0:
 
   ==================  ==================================================================
   data                reading this rank's micro-batches
-  forward             the schedule's F ops (TP/SP/EP collectives inside them included)
+  forward             the schedule's F ops (TP/SP/EP collectives inside them included; on an
+                      unsharded head the fused head + cross-entropy computes its gradients here)
   backward            B and BW ops (a BW's weight gradients are inside it)
   weight_grad         W ops (the schedules that split B from W: ZB-H1, DualPipe(V))
   forward_backward    FB ops: DualPipe's overlapped F&B pairs, which cannot be split
