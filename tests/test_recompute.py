@@ -139,8 +139,9 @@ def test_each_mode_keeps_fewer_activation_bytes():
         kept[mode] = measure_activation_memory(lambda: model.compute_loss(ids, labels).loss.backward()).kept
         assert measure_activation_memory(lambda: model.compute_loss(ids, labels).loss.backward()).kept == kept[mode]
     assert kept["none"] > kept["selective"] > kept["full"] > 0
-    # 61% here (tiny.yaml: 71%); 86% if the norms' outputs stayed in their consumers' saved tensors
-    assert kept["selective"] < 0.7 * kept["none"]
+    # 71% here (61% while an unrecomputed FP32 norm kept its input besides its output: norm.py's
+    # Function keeps x_hat and rstd only); far more if the norms' outputs stayed in their consumers' saved tensors
+    assert kept["selective"] < 0.75 * kept["none"]
 
 
 def test_a_region_input_modified_in_place_is_an_error():
