@@ -195,8 +195,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = _f(
         "fp32", "Compute precision: fp32, or bf16 autocast (weights and optimizer stay FP32 masters).")
     recompute: Literal["none", "selective", "full"] = _f(
-        "none", "Activation recomputation: none; selective (DeepSeek-V3's choice: every RMSNorm and MLA's "
-        "up-projections are recomputed in backward, their outputs not kept); full (each transformer block keeps "
+        "none", "Activation recomputation: none; selective (DeepSeek-V3's choice: every RMSNorm, MLA's "
+        "up-projections and the SwiGLU activations are recomputed in backward, their outputs not kept); full (each transformer block keeps "
         "only its input and reruns its forward in backward). Same losses and gradients, less activation memory, "
         "more time.")
     seed: int = _f(1234, "Seed for initialisation and data order.")

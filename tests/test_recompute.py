@@ -129,8 +129,8 @@ def test_fp8_layers_recompute_alike():
 
 
 def test_each_mode_keeps_fewer_activation_bytes():
-    """Deterministic bytes (megads.train.activation_memory): selective drops the norms' and the
-    up-projections' tensors, full everything but the blocks' inputs."""
+    """Deterministic bytes (megads.train.activation_memory): selective drops the norms', the
+    up-projections' and the SwiGLUs' tensors, full everything but the blocks' inputs."""
     model = small_model(q_lora_rank=24)
     ids, labels = batch(model, size=4, seq=32)
     kept = {}
@@ -139,9 +139,9 @@ def test_each_mode_keeps_fewer_activation_bytes():
         kept[mode] = measure_activation_memory(lambda: model.compute_loss(ids, labels).loss.backward()).kept
         assert measure_activation_memory(lambda: model.compute_loss(ids, labels).loss.backward()).kept == kept[mode]
     assert kept["none"] > kept["selective"] > kept["full"] > 0
-    # 71% here (61% while an unrecomputed FP32 norm kept its input besides its output: norm.py's
-    # Function keeps x_hat and rstd only); far more if the norms' outputs stayed in their consumers' saved tensors
-    assert kept["selective"] < 0.75 * kept["none"]
+    # 57% here; 71% when the SwiGLU outputs were not recomputed; far more if the norms' outputs
+    # stayed in their consumers' saved tensors
+    assert kept["selective"] < 0.62 * kept["none"]
 
 
 def test_a_region_input_modified_in_place_is_an_error():

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megads.model import recompute
 from parallel.context import ParallelContext
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear, gather_from_sequence_parallel_region
 
@@ -27,4 +28,9 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             x = gather_from_sequence_parallel_region(x, self.tp, grad_is_partial=True)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # DeepSeek-V3 (section 3.3.2) caches the SwiGLU's input and recomputes its output in backward.
+        return self.down_proj(recompute.selective(swiglu, self.gate_proj(x), self.up_proj(x)))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up

@@ -160,7 +160,8 @@ def grouped_swiglu(tokens: torch.Tensor, gates: torch.Tensor, tokens_per_expert:
     expert-grouped GEMM (FP8 layers pass their own).
     """
     projected = linear(tokens, gate_up, tokens_per_expert)
-    hidden = _GatedSwiGLU.apply(projected, gates.to(projected.dtype))
+    # DeepSeek-V3 (section 3.3.2) caches the SwiGLU's input and recomputes its output in backward.
+    hidden = recompute.selective(_GatedSwiGLU.apply, projected, gates.to(projected.dtype))
     return linear(hidden, down, tokens_per_expert)
 
 

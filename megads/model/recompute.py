@@ -6,11 +6,14 @@ recompute the others from what was kept, when the backward needs them.
   up-projections during back-propagation, thereby eliminating the need to persistently store their
   output activations." The norms (norm.py) and MLA's up-projections (mla.py: from the latents c_q,
   c_kv and the rotated rope key to the per-head queries, keys and values that enter attention) are
-  recomputed; attention itself, the down-projections, the FFNs and the experts keep theirs.
+  recomputed, and so are the SwiGLU activations of the dense FFNs, shared and routed experts
+  (mlp.py, moe.py; section 3.3.2: "we cache the inputs of the SwiGLU operator and recompute its
+  output in the backward pass"); attention itself and the GEMMs keep theirs.
 * ``full``: each transformer block (block.py, MTP's included) keeps only its input and recomputes
   its whole forward in backward.
 
-The model marks the functions: ``recompute.selective(fn, *args)`` (the norms, the up-projections) and
+The model marks the functions: ``recompute.selective(fn, *args)`` (the norms, the up-projections, the
+SwiGLUs) and
 ``recompute.full(fn, *args)`` (a block's forward) call ``fn(*args)`` plainly unless the forward runs
 under that mode (`policy`, entered by the model's stage forward) with autograd recording. Then the
 call is a *region*:
@@ -53,8 +56,8 @@ What a recomputation must respect
 Limits: under bf16 autocast or FP8 a linear saves its own bf16 cast or FP8 codes of a norm's output,
 made outside the norm's region, and those stay (tiny.yaml under bf16, measured before norm.py's FP32
 Function: 27% saved instead of 29%); FP8 layers' statistics count a rerun's quantizations and GEMMs
-too. Cost on tiny.yaml (fp32, 8 x 256): selective keeps 22% fewer activation bytes for about 2% more
-step time, full 90% fewer for about 19% more (tools/bench_recompute.py).
+too. Cost on tiny.yaml (fp32, 8 x 256): selective keeps 42% fewer activation bytes for about 2% more
+step time, full 90% fewer for about 18% more (tools/bench_recompute.py).
 
 Saved-tensor hooks the caller installed around the forward (an activation meter, offloading) still
 see what autograd saves outside the regions (the selective scope passes it on); the regions' own
@@ -99,7 +102,7 @@ def remembered(key: Any) -> Optional[torch.Tensor]:
 
 
 def selective(fn: Callable, *args):
-    """fn(*args), recomputed in backward under ``selective`` (DeepSeek-V3's norms and up-projections)."""
+    """fn(*args), recomputed in backward under ``selective`` (DeepSeek-V3's norms, up-projections, SwiGLUs)."""
     if _mode() != "selective" or not torch.is_grad_enabled():
         return fn(*args)
     region, out = _Region.run(fn, args)
