@@ -139,9 +139,8 @@ def test_each_mode_keeps_fewer_activation_bytes():
         kept[mode] = measure_activation_memory(lambda: model.compute_loss(ids, labels).loss.backward()).kept
         assert measure_activation_memory(lambda: model.compute_loss(ids, labels).loss.backward()).kept == kept[mode]
     assert kept["none"] > kept["selective"] > kept["full"] > 0
-    # 57% here; 71% when the SwiGLU outputs were not recomputed; far more if the norms' outputs
-    # stayed in their consumers' saved tensors
-    assert kept["selective"] < 0.62 * kept["none"]
+    # 49% here (61% when the SwiGLU outputs were not recomputed); far more if the norms' outputs stayed in their consumers' saved tensors
+    assert kept["selective"] < 0.55 * kept["none"]
 
 
 def test_a_region_input_modified_in_place_is_an_error():
