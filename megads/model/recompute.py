@@ -54,10 +54,10 @@ What a recomputation must respect
   needs no saved RNG state and gives the forward's values exactly.
 
 Limits: under bf16 autocast or FP8 a linear saves its own bf16 cast or FP8 codes of a norm's output,
-made outside the norm's region, and those stay (tiny.yaml under bf16, measured before norm.py's FP32
-Function: 27% saved instead of 29%); FP8 layers' statistics count a rerun's quantizations and GEMMs
-too. Cost on tiny.yaml (fp32, 8 x 256): selective keeps 42% fewer activation bytes for about 2% more
-step time, full 90% fewer for about 18% more (tools/bench_recompute.py).
+made outside the norm's region, and those stay (tiny.yaml under bf16, measured before the SwiGLUs were
+recomputed too: 27% saved where fp32 saved 29%); FP8 layers' statistics count a rerun's quantizations and GEMMs
+too. Cost on tiny.yaml (fp32, 8 x 256): selective keeps 47% fewer activation bytes for about 3% more
+step time, full 89% fewer for about 20% more (tools/bench_recompute.py).
 
 Saved-tensor hooks the caller installed around the forward (an activation meter, offloading) still
 see what autograd saves outside the regions (the selective scope passes it on); the regions' own
