@@ -562,16 +562,22 @@ def test_count_non_finite_counts_only_float_nan_and_inf():
     assert count_non_finite(values.t().contiguous()[1:]) == 3
 
 
-def test_save_hf_refuses_a_nan_weight_naming_the_target(tmp_path):
-    model = megads_model(tiny_cfg())
+def assert_save_hf_refuses_nan(cfg: ModelConfig, tmp_path: Path, **save_options) -> None:
+    """5 NaN values in one weight: save_hf refuses, naming the tensor, its own count and the target,
+    and leaves neither the target nor its temporary."""
+    model = megads_model(cfg)
     weight = model.layers["1"].self_attn.o_proj.weight
     with torch.no_grad():
         weight[0, :5] = float("nan")
     with pytest.raises(NonFiniteTensorError) as info:
-        save_hf(model, tmp_path / "hf", log=quiet)
+        save_hf(model, tmp_path / "hf", log=quiet, **save_options)
     assert str(info.value) == (f"Tensor 'model.layers.1.self_attn.o_proj.weight' has 5 non-finite value(s) (NaN or "
                                f"inf) of {weight.numel()}; refusing to write it to {tmp_path / 'hf'}.")
-    assert list(tmp_path.iterdir()) == []  # neither the target nor its temporary
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_hf_refuses_a_nan_weight_naming_the_target(tmp_path):
+    assert_save_hf_refuses_nan(tiny_cfg(), tmp_path)
 
 
 def _overwrite_tensor_bytes(shard: Path, name: str, count: int, byte: int = 0xFF) -> None:

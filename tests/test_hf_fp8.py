@@ -33,9 +33,10 @@ from megads.hf import (  # noqa: E402
     model_config_from_hf,
     save_hf,
 )
-from megads.shards import NonFiniteTensorError, ShardedReader  # noqa: E402
+from megads.shards import ShardedReader  # noqa: E402
 from test_hf import (  # noqa: E402
     MAX_REL_ERR,
+    assert_save_hf_refuses_nan,
     ORIGINAL_CONFIG,
     _overwrite_tensor_bytes,
     assert_same_state,
@@ -388,15 +389,7 @@ def test_broken_fp8_directory_is_one_sentence_and_leaves_nothing(fp8_dir, tmp_pa
 
 def test_fp8_export_refuses_a_nan_weight_counting_its_values(tmp_path):
     """Quantized, 5 NaN values would be a whole block of NaN codes; the refusal counts the weight's own."""
-    model = megads_model(fp8_test_cfg())
-    weight = model.layers["1"].self_attn.o_proj.weight
-    with torch.no_grad():
-        weight[0, :5] = float("nan")
-    with pytest.raises(NonFiniteTensorError) as info:
-        save_hf(model, tmp_path / "hf", fp8=True, log=quiet)
-    assert str(info.value) == (f"Tensor 'model.layers.1.self_attn.o_proj.weight' has 5 non-finite value(s) (NaN or "
-                               f"inf) of {weight.numel()}; refusing to write it to {tmp_path / 'hf'}.")
-    assert list(tmp_path.iterdir()) == []
+    assert_save_hf_refuses_nan(fp8_test_cfg(), tmp_path, fp8=True)
 
 
 # ----------------------------------------------------------------------------- streaming memory
