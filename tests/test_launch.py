@@ -58,6 +58,18 @@ def finished(proc, timeout=240):
     return proc.returncode, out + err
 
 
+def wait_for_first_record(proc, metrics: Path, hang_after_s: float = 180) -> None:
+    """Return once `metrics` has a record or `proc` has exited. A hang guard, not a speed check:
+    after `hang_after_s` without either, the job is killed and the test fails saying so."""
+    deadline = time.monotonic() + hang_after_s
+    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, log = finished(proc)
+            pytest.fail(f"no step was logged and the job did not exit in {hang_after_s:.0f} s (hung?):\n{log[-3000:]}")
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     path = tmp_path_factory.mktemp("launch") / "run.yaml"
@@ -115,9 +127,7 @@ def test_the_slurm_script_trains_as_one_agent_and_requeues_itself_on_sigterm(con
                             "train.max_steps=40"],
                            env=slurm_environment(tmp_path), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, start_new_session=True)
-    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 180
-    while not (metrics.exists() and metrics.read_text().strip()) and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_first_record(job, out / "metrics.jsonl")
     job.send_signal(signal.SIGTERM)
     status, log = finished(job)
     assert status == 0, log[-3000:]
