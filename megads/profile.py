@@ -81,14 +81,24 @@ class ProfileResult:
 
     def mean_time_s(self) -> dict[str, float]:
         """Phase seconds per step, mean over ranks."""
-        phases = {p for r in self.ranks for p in r.time_s}
-        return {p: statistics.fmean(r.time_s.get(p, 0.0) for r in self.ranks) for p in PHASES if p in phases}
+        return mean_time_split([r.time_s for r in self.ranks])
 
     def mean_comm(self) -> dict[str, dict[str, float]]:
         """Per collective kind: calls, bytes and seconds per step, mean over ranks."""
-        kinds = sorted({k for r in self.ranks for k in r.comm})
-        return {k: {f: statistics.fmean(r.comm.get(k, {}).get(f, 0.0) for r in self.ranks)
-                    for f in ("calls", "bytes", "seconds")} for k in kinds}
+        return mean_comm([r.comm for r in self.ranks])
+
+
+def mean_time_split(splits: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of several `time_s` splits (steps or ranks); a phase absent from one counts 0 there."""
+    phases = {p for split in splits for p in split}
+    return {p: statistics.fmean(split.get(p, 0.0) for split in splits) for p in PHASES if p in phases}
+
+
+def mean_comm(comms: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The mean of several `comm` records (steps or ranks), per kind and field; absent counts 0."""
+    kinds = sorted({k for comm in comms for k in comm})
+    return {k: {f: statistics.fmean(comm.get(k, {}).get(f, 0.0) for comm in comms)
+                for f in ("calls", "bytes", "seconds")} for k in kinds}
 
 
 def variants(vary: Optional[str]) -> list[tuple[str, list[str]]]:
@@ -171,17 +181,11 @@ def _measure(label: str, cfg: Config, ctx, steps: int, warmup: int, top: int, lo
         records.append(take_step(step))
         log(f"step {step + 1 - warmup}/{steps}: {records[-1]['step_time_s'] * 1e3:.1f} ms")
 
-    def mean(values) -> float:
-        return statistics.fmean(values)
-
-    phases = {p for r in records for p in r["time_s"]}
-    kinds = {k for r in records for k in r["comm"]}
+    mean = statistics.fmean
     activations = _activation_memory(cfg, ctx, model, optimizer, data, warmup + steps)
     mine = RankProfile(
         rank=ctx.rank, activations_kept_mb=activations.kept / 1e6, activations_peak_mb=activations.peak / 1e6,
-        time_s={p: mean(r["time_s"].get(p, 0.0) for r in records) for p in PHASES if p in phases},
-        comm={k: {f: mean(r["comm"].get(k, {}).get(f, 0.0) for r in records) for f in ("calls", "bytes", "seconds")}
-              for k in sorted(kinds)},
+        time_s=mean_time_split([r["time_s"] for r in records]), comm=mean_comm([r["comm"] for r in records]),
         peak_memory_gb=peak_memory_gb(ctx.device),
         pipeline_bubble=mean(r["pipeline_bubble"] for r in records) if ctx.pp.size > 1 else None)
     ranks = Group.world().all_gather_object(mine)
